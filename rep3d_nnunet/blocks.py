@@ -1,0 +1,328 @@
+"""Rep3D building blocks: the modulated large depthwise convolution, the Rep3D block and the UX-Net block.
+
+Every block with a training-only form implements ``reparameterize()`` (fold to plain conv weights, idempotent) and
+accepts a ``deploy=True`` flag that builds the folded form directly. Loading a folded state dict into an unfolded
+block switches it to the folded form first, because nnU-Net's predictor builds the network once from the plans and
+then loads each fold's weights into it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .modulation import (
+    GENERATOR_DEPTHS,
+    GENERATOR_KERNELS,
+    KernelModulation,
+    check_kernel_size,
+    check_modulation_mode,
+)
+from .ops import depthwise_conv, fft_workspace_voxels, choose_backend
+
+_POINTWISE_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def _has_key_under(state_dict: dict, prefix: str) -> bool:
+    return any(key.startswith(prefix) for key in state_dict)
+
+
+class ModulatedDepthwiseConv(nn.Module):
+    """Depthwise convolution with a large kernel whose updates are shaped by a modulation mode.
+
+    Training forward: y = depthwise_conv(x, W_eff) with W_eff = W * M (``lrbm``, ``fixed``), W (``none``), or
+    aL * W + aS * pad(W_small) + matching bias (``csla``; by linearity one convolution with the merged kernel gives
+    exactly the two-branch output and gradients). W_eff is built functionally every training forward, so gradients
+    reach W, beta and the generator; in eval mode without autograd the mask is cached until a parameter changes.
+
+    Args:
+        channels: C (input == output channels).
+        kernel_size: odd size per axis, or one int for every axis of a ``dim``-D kernel.
+        dim: 2 or 3 spatial dimensions.
+        modulation: one of ``lrbm``, ``fixed``, ``none``, ``csla``.
+        generator_depth: LRBM generator depth, 1..3.
+        generator_kernel: LRBM generator kernel, 1/3/5/7.
+        small_kernel: CSLA small branch size per axis (capped by ``kernel_size``; 1 stays 1).
+        csla_scales: the constant scales (aL, aS) of the CSLA branches.
+        spacing: voxel spacing of this stage, makes the prior isotropic in physical units.
+        bias: whether the convolution has a bias.
+        backend: ``auto``, ``direct`` or ``fft`` (see ``ops.depthwise_conv``).
+        deploy: build the folded form (plain kernel W_eff, no generator or small branch).
+
+    Shapes:
+        [N, C, *spatial] -> [N, C, *spatial]
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int | Sequence[int],
+        dim: int = 3,
+        modulation: str = "lrbm",
+        generator_depth: int = 2,
+        generator_kernel: int = 7,
+        small_kernel: int = 3,
+        csla_scales: tuple[float, float] = (1.0, 1.0),
+        spacing: Sequence[float] | None = None,
+        bias: bool = True,
+        backend: str = "auto",
+        deploy: bool = False,
+    ):
+        super().__init__()
+        if dim not in (2, 3):
+            raise ValueError(f"Only 2D and 3D convolutions are supported, got dim={dim!r}.")
+        self.modulation_mode = check_modulation_mode(modulation)
+        self.kernel_size = check_kernel_size(kernel_size, dim)
+        if generator_depth not in GENERATOR_DEPTHS:
+            raise ValueError(f"Generator depth {generator_depth!r} is not allowed; allowed values are {GENERATOR_DEPTHS}.")
+        if generator_kernel not in GENERATOR_KERNELS:
+            raise ValueError(
+                f"Generator kernel {generator_kernel!r} is not allowed; allowed values are {GENERATOR_KERNELS}."
+            )
+        self.channels = channels
+        self.dim = dim
+        self.backend = backend
+        self.csla_scales = (float(csla_scales[0]), float(csla_scales[1]))
+        self.small_kernel_size = tuple(min(k, s) for k, s in zip(self.kernel_size, check_kernel_size(small_kernel, dim)))
+
+        self.weight = nn.Parameter(torch.empty(channels, 1, *self.kernel_size))
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # nn.ConvNd's default, fan_in = prod(kernel)
+        self.modulation = None
+        self.small_weight = None
+        self.small_bias = None
+        if modulation in ("lrbm", "fixed"):
+            self.modulation = KernelModulation(channels, self.kernel_size, modulation, generator_depth,
+                                               generator_kernel, spacing)
+        elif modulation == "csla":
+            self.small_weight = nn.Parameter(torch.empty(channels, 1, *self.small_kernel_size))
+            nn.init.kaiming_uniform_(self.small_weight, a=5 ** 0.5)
+            self.small_bias = nn.Parameter(torch.zeros(channels)) if bias else None
+        self.is_folded = False
+        self._mask_cache: tuple | None = None
+        if deploy:
+            self._to_folded_structure()
+
+    # ---- the training-time kernel ----
+    def mask(self) -> torch.Tensor:
+        """M, shape [C or 1, 1, *k]; cached only in eval mode without autograd (keyed on parameter versions)."""
+        if self.training or torch.is_grad_enabled():
+            self._mask_cache = None
+            return self.modulation()
+        tensors = list(self.modulation.parameters()) + list(self.modulation.buffers())
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+        if self._mask_cache is None or self._mask_cache[0] != key:
+            self._mask_cache = (key, self.modulation())
+        return self._mask_cache[1]
+
+    def effective_weight(self) -> torch.Tensor:
+        """W_eff, shape [C, 1, *k]: the kernel the convolution applies."""
+        if self.modulation is not None:
+            return self.weight * self.mask()
+        if self.small_weight is not None:
+            scale_large, scale_small = self.csla_scales
+            return scale_large * self.weight + scale_small * F.pad(self.small_weight, self._small_padding())
+        return self.weight
+
+    def effective_bias(self) -> torch.Tensor | None:
+        """Bias of the merged convolution, shape [C] or None."""
+        if self.small_bias is not None:
+            scale_large, scale_small = self.csla_scales
+            return scale_large * self.bias + scale_small * self.small_bias
+        return self.bias
+
+    def _small_padding(self) -> list[int]:
+        pads = []
+        for large, small in reversed(list(zip(self.kernel_size, self.small_kernel_size))):
+            pads += [(large - small) // 2] * 2
+        return pads
+
+    def small_branch_parameters(self) -> list[nn.Parameter]:
+        """The CSLA small branch's parameters, for their own optimizer group (paper Table 8)."""
+        return [p for p in (self.small_weight, self.small_bias) if p is not None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != self.dim + 2 or x.shape[1] != self.channels:
+            raise ValueError(
+                f"Expected input of shape [N, {self.channels}, {'D, ' if self.dim == 3 else ''}H, W], got {tuple(x.shape)}."
+            )
+        return depthwise_conv(x, self.effective_weight(), self.effective_bias(), backend=self.backend)
+
+    # ---- folding ----
+    def _to_folded_structure(self) -> None:
+        self.modulation = None
+        self.small_weight = None
+        self.small_bias = None
+        self._mask_cache = None
+        self.is_folded = True
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Replaces W by W_eff (and merges the CSLA bias); drops the generator, prior and small branch. Idempotent."""
+        if self.is_folded:
+            return
+        weight, bias = self.effective_weight().clone(), self.effective_bias()
+        bias = None if bias is None else bias.clone()
+        self.weight.copy_(weight)
+        if bias is not None:
+            self.bias.copy_(bias)
+        self._to_folded_structure()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        folded_state = prefix + "weight" in state_dict and not (
+            _has_key_under(state_dict, prefix + "modulation.") or prefix + "small_weight" in state_dict
+        )
+        if folded_state and not self.is_folded:
+            self._to_folded_structure()
+        if prefix + "bias" in state_dict and self.bias is None:
+            # A folded BatchNorm leaves a bias behind even where the trained conv had none.
+            self.bias = nn.Parameter(torch.zeros(self.channels, device=self.weight.device, dtype=self.weight.dtype))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        mode = "folded" if self.is_folded else self.modulation_mode
+        return f"{self.channels}, kernel_size={self.kernel_size}, modulation={mode}, backend={self.backend}"
+
+    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
+        """Voxels held for this conv at input_size: its output plus, on the FFT path, the FFT workspace."""
+        output = np.prod([self.channels, *input_size], dtype=np.int64)
+        if choose_backend((1, self.channels, *input_size), self.kernel_size, "cuda") if self.backend == "auto" \
+                else self.backend == "fft":
+            output += np.int64(self.channels) * np.int64(fft_workspace_voxels(tuple(input_size), self.kernel_size))
+        return output
+
+
+@torch.no_grad()
+def fuse_batchnorm(conv: ModulatedDepthwiseConv, norm: _BatchNorm) -> None:
+    """Folds an eval-mode BatchNorm that directly follows a folded depthwise conv into the conv's weight and bias."""
+    inv_std = torch.rsqrt(norm.running_var + norm.eps)
+    scale = inv_std * norm.weight if norm.affine else inv_std
+    shift = norm.bias if norm.affine else torch.zeros_like(scale)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
+    conv.weight.mul_(scale.view(-1, *([1] * (conv.weight.ndim - 1))))
+    new_bias = (bias - norm.running_mean) * scale + shift
+    if conv.bias is None:
+        conv.bias = nn.Parameter(new_bias)
+    else:
+        conv.bias.copy_(new_bias)
+
+
+class _DepthwiseThenNorm(nn.Module):
+    """Shared folding logic of blocks that start with ``self.conv`` (modulated depthwise) then ``self.norm``."""
+
+    conv: ModulatedDepthwiseConv
+    norm: nn.Module
+
+    def _can_fuse_norm(self) -> bool:
+        return isinstance(self.norm, _BatchNorm) and self.norm.track_running_stats and self.norm.running_mean is not None
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Folds the conv's training-only parts; a BatchNorm with running statistics is fused into the conv."""
+        self.conv.reparameterize()
+        if self._can_fuse_norm():
+            fuse_batchnorm(self.conv, self.norm)
+            self.norm = nn.Identity()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self._can_fuse_norm() and prefix + "conv.weight" in state_dict and not _has_key_under(state_dict, prefix + "norm."):
+            self.norm = nn.Identity()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class Rep3DBlock(_DepthwiseThenNorm):
+    """Modulated large depthwise conv -> norm -> nonlinearity (GELU by default), the authors' order.
+
+    Args:
+        channels: C.
+        kernel_size: large kernel, odd per axis.
+        dim: 2 or 3.
+        norm_op, norm_op_kwargs: normalisation class and its kwargs (nnU-Net style); None for none.
+        nonlin, nonlin_kwargs: nonlinearity class and kwargs.
+        **conv_kwargs: forwarded to ``ModulatedDepthwiseConv`` (modulation, generator_*, spacing, backend, deploy...).
+
+    Shapes:
+        [N, C, *spatial] -> [N, C, *spatial]
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int | Sequence[int],
+        dim: int = 3,
+        norm_op: type[nn.Module] | None = None,
+        norm_op_kwargs: dict | None = None,
+        nonlin: type[nn.Module] | None = nn.GELU,
+        nonlin_kwargs: dict | None = None,
+        **conv_kwargs,
+    ):
+        super().__init__()
+        self.conv = ModulatedDepthwiseConv(channels, kernel_size, dim, **conv_kwargs)
+        self.norm = norm_op(channels, **(norm_op_kwargs or {})) if norm_op is not None else nn.Identity()
+        self.nonlin = nonlin(**(nonlin_kwargs or {})) if nonlin is not None else nn.Identity()
+        if conv_kwargs.get("deploy") and self._can_fuse_norm():
+            self.norm = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.nonlin(self.norm(self.conv(x)))
+
+    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
+        return self.conv.compute_conv_feature_map_size(input_size)
+
+
+class UXNetBlock(_DepthwiseThenNorm):
+    """3D UX-Net block: depthwise conv (k=7, optionally modulated) -> norm -> 1x1 expand x4 -> GELU -> 1x1 project,
+    scaled per channel (layer scale) and added to the input.
+
+    Args:
+        channels: C.
+        kernel_size: depthwise kernel, 7 in UX-Net.
+        dim: 2 or 3.
+        norm_op, norm_op_kwargs: normalisation after the depthwise conv.
+        expansion: hidden width factor of the pointwise MLP.
+        layer_scale_init: initial per-channel scale of the residual branch (UX-Net: 1e-6); None disables it.
+        **conv_kwargs: forwarded to ``ModulatedDepthwiseConv`` (``modulation="lrbm"`` gives "3D UX-Net + LRBM").
+
+    Shapes:
+        [N, C, *spatial] -> [N, C, *spatial]
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int | Sequence[int] = 7,
+        dim: int = 3,
+        norm_op: type[nn.Module] | None = None,
+        norm_op_kwargs: dict | None = None,
+        expansion: int = 4,
+        layer_scale_init: float | None = 1e-6,
+        **conv_kwargs,
+    ):
+        super().__init__()
+        pointwise = _POINTWISE_CONV[dim]
+        self.conv = ModulatedDepthwiseConv(channels, kernel_size, dim, **conv_kwargs)
+        self.norm = norm_op(channels, **(norm_op_kwargs or {})) if norm_op is not None else nn.Identity()
+        self.expand = pointwise(channels, expansion * channels, 1)
+        self.nonlin = nn.GELU()
+        self.project = pointwise(expansion * channels, channels, 1)
+        self.expansion = expansion
+        self.layer_scale = (
+            nn.Parameter(torch.full((channels,), float(layer_scale_init))) if layer_scale_init is not None else None
+        )
+        if conv_kwargs.get("deploy") and self._can_fuse_norm():
+            self.norm = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.project(self.nonlin(self.expand(self.norm(self.conv(x)))))
+        if self.layer_scale is not None:
+            y = y * self.layer_scale.view(1, -1, *([1] * (x.ndim - 2)))
+        return x + y
+
+    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
+        voxels = np.prod(input_size, dtype=np.int64)
+        return self.conv.compute_conv_feature_map_size(input_size) + (self.expansion + 1) * self.conv.channels * voxels

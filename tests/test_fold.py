@@ -1,0 +1,141 @@
+"""Folding: equal outputs before and after, parameter accounting, idempotence and folded state dicts."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from rep3d_nnunet.blocks import ModulatedDepthwiseConv, Rep3DBlock, UXNetBlock
+from rep3d_nnunet.export import count_parameters, fold, folded_copy
+
+MODES = ["lrbm", "fixed", "none", "csla"]
+NORMS = {
+    2: {"instance": (nn.InstanceNorm2d, {"affine": True}), "batch": (nn.BatchNorm2d, {})},
+    3: {"instance": (nn.InstanceNorm3d, {"affine": True}), "batch": (nn.BatchNorm3d, {})},
+}
+KERNELS = {2: [(7, 7), (3, 9)], 3: [(7, 7, 7), (1, 9, 9), (5, 9, 9)]}
+
+
+def _randomise(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Moves every parameter and BatchNorm statistic away from its initial value, so folding is really exercised."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=generator))
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(0.5 * torch.randn(m.running_mean.shape, generator=generator))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=generator))
+    return module
+
+
+class TinyNet(nn.Module):
+    def __init__(self, dim: int, kernel_size, modulation: str, norm: str, deploy: bool = False):
+        super().__init__()
+        norm_op, norm_kwargs = NORMS[dim][norm]
+        conv = {2: nn.Conv2d, 3: nn.Conv3d}[dim]
+        self.stem = conv(2, 6, 3, padding=1)
+        self.rep3d = Rep3DBlock(6, kernel_size, dim, norm_op, norm_kwargs, modulation=modulation, deploy=deploy)
+        self.uxnet = UXNetBlock(6, kernel_size, dim, norm_op, norm_kwargs, modulation=modulation, deploy=deploy)
+        self.head = conv(6, 3, 1)
+
+    def forward(self, x):
+        return self.head(self.uxnet(self.rep3d(self.stem(x))))
+
+
+def _input(dim: int) -> torch.Tensor:
+    return torch.randn(2, 2, *([7, 8, 9][:dim] if dim == 3 else [10, 11]))
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _training_only_parameters(net: nn.Module) -> int:
+    count = 0
+    for m in net.modules():
+        if isinstance(m, ModulatedDepthwiseConv):
+            count += sum(p.numel() for p in m.modulation.parameters()) if m.modulation is not None else 0
+            count += sum(p.numel() for p in m.small_branch_parameters())
+    return count
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_fold_keeps_outputs_and_drops_exactly_the_training_only_parameters(dim, mode, norm):
+    for kernel_size in KERNELS[dim]:
+        net = _randomise(TinyNet(dim, kernel_size, mode, norm)).eval()
+        x = _input(dim)
+        with torch.no_grad():
+            before = net(x)
+        params_before = count_parameters(net)
+        training_only = _training_only_parameters(net)
+        fold(net)
+        with torch.no_grad():
+            after = net(x)
+        assert _relative_error(after, before) < 1e-5, (kernel_size, mode, norm)
+
+        expected_drop = training_only
+        if norm == "batch":  # BN's gain and shift fold into a conv bias the block already had
+            expected_drop += 2 * 2 * 6
+        assert params_before - count_parameters(net) == expected_drop
+        remaining = [name for name, _ in net.named_parameters()]
+        assert not any(k in name for name in remaining for k in ("modulation", "generator", "beta", "small_"))
+        if norm == "batch":
+            assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+def test_fold_is_idempotent_and_leaves_a_copy_source_untouched():
+    net = _randomise(TinyNet(3, (5, 9, 9), "lrbm", "batch")).eval()
+    original_state = copy.deepcopy(net.state_dict())
+    folded = folded_copy(net)
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(value, original_state[key])
+    assert any("generator" in k for k in net.state_dict())
+
+    state_once = copy.deepcopy(folded.state_dict())
+    fold(folded)
+    assert folded.state_dict().keys() == state_once.keys()
+    for key, value in folded.state_dict().items():
+        assert torch.equal(value, state_once[key])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_folded_and_unfolded_state_dicts_load_into_a_fresh_network(mode, norm):
+    trained = _randomise(TinyNet(3, (5, 9, 9), mode, norm)).eval()
+    x = _input(3)
+    with torch.no_grad():
+        expected = trained(x)
+
+    unfolded_state = copy.deepcopy(trained.state_dict())
+    folded_state = fold(copy.deepcopy(trained)).state_dict()
+    for state in (unfolded_state, folded_state):
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
+        fresh = TinyNet(3, (5, 9, 9), mode, norm)
+        fresh.load_state_dict(torch.load(buffer, weights_only=True))  # strict
+        fresh.eval()
+        with torch.no_grad():
+            assert _relative_error(fresh(x), expected) < 1e-5
+
+    # the deploy flag builds the folded structure directly, which loads the folded state strictly too
+    deployed = TinyNet(3, (5, 9, 9), mode, norm, deploy=True)
+    deployed.load_state_dict(folded_state)
+    with torch.no_grad():
+        assert _relative_error(deployed.eval()(x), expected) < 1e-5
+
+
+def test_csla_small_branch_has_its_own_parameters_and_merges_exactly():
+    conv = ModulatedDepthwiseConv(4, (5, 9, 9), modulation="csla", small_kernel=3, csla_scales=(0.7, 1.3))
+    _randomise(conv)
+    assert [p.shape for p in conv.small_branch_parameters()] == [(4, 1, 3, 3, 3), (4,)]
+    x = torch.randn(1, 4, 6, 9, 9)
+    two_branches = 0.7 * nn.functional.conv3d(x, conv.weight, conv.bias, padding=(2, 4, 4), groups=4) + \
+        1.3 * nn.functional.conv3d(x, conv.small_weight, conv.small_bias, padding=1, groups=4)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), two_branches, rtol=1e-5, atol=1e-5)
