@@ -1,0 +1,161 @@
+"""Rep3D settings and their translation from an nnU-Net plan: the one place where plans meet Rep3D.
+
+The plan decides the topology (stages, features, strides, norm, patch size); a trainer variant decides the method
+(``Rep3DSettings``: block type, modulation, kernel, generator). ``rep3d_architecture`` combines both into the
+keyword arguments of ``rep3d_nnunet.architecture.Rep3DUNet``, in the JSON form nnU-Net keeps in plans files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .modulation import (
+    GENERATOR_DEPTHS,
+    GENERATOR_KERNELS,
+    check_kernel_size,
+    check_modulation_mode,
+)
+
+REP3D_NETWORK_CLASS = "rep3d_nnunet.architecture.Rep3DUNet"
+BLOCK_TYPES = ("rep3d", "uxnet")
+CONV_BACKENDS = ("auto", "direct", "fft")
+# nnU-Net architectures whose arch_kwargs carry a U-Net topology we can reuse.
+_TOPOLOGY_SOURCES = ("PlainConvUNet", "ResidualEncoderUNet", "Rep3DUNet")
+_TOPOLOGY_KEYS = (
+    "n_stages", "features_per_stage", "conv_op", "kernel_sizes", "strides", "n_conv_per_stage_decoder",
+    "conv_bias", "norm_op", "norm_op_kwargs", "dropout_op", "dropout_op_kwargs", "nonlin", "nonlin_kwargs",
+)
+_IMPORTED_KEYS = ("conv_op", "norm_op", "dropout_op", "nonlin")
+
+
+@dataclass(frozen=True)
+class Rep3DSettings:
+    """What a trainer variant decides about the Rep3D network (the plan decides the rest).
+
+    Attributes:
+        block: ``rep3d`` (modulated depthwise conv -> norm -> GELU) or ``uxnet`` (3D UX-Net block).
+        modulation: ``lrbm``, ``fixed``, ``none`` or ``csla``.
+        kernel_size: requested large kernel per axis; capped per stage by the feature map (see ``stage_kernel_sizes``).
+        blocks_per_stage: Rep3D/UX-Net blocks after each stage's strided conv.
+        generator_depth, generator_kernel: LRBM generator (paper defaults 2 and 7).
+        small_kernel, csla_scales: CSLA small branch size and branch scales (aL, aS).
+        spacing_aware_prior: measure the prior's distances in physical units of each stage's voxel spacing.
+        conv_backend: ``auto``, ``direct`` or ``fft`` for the large depthwise convolutions.
+    """
+
+    block: str = "rep3d"
+    modulation: str = "lrbm"
+    kernel_size: int = 21
+    blocks_per_stage: int = 2
+    generator_depth: int = 2
+    generator_kernel: int = 7
+    small_kernel: int = 3
+    csla_scales: tuple[float, float] = (1.0, 1.0)
+    spacing_aware_prior: bool = False
+    conv_backend: str = "auto"
+
+    def __post_init__(self):
+        if self.block not in BLOCK_TYPES:
+            raise ValueError(f"Unknown block type {self.block!r}; allowed values are {', '.join(BLOCK_TYPES)}.")
+        check_modulation_mode(self.modulation)
+        check_kernel_size(self.kernel_size, 1)
+        check_kernel_size(self.small_kernel, 1)
+        if self.generator_depth not in GENERATOR_DEPTHS:
+            raise ValueError(f"Generator depth {self.generator_depth!r} is not allowed; allowed values are {GENERATOR_DEPTHS}.")
+        if self.generator_kernel not in GENERATOR_KERNELS:
+            raise ValueError(
+                f"Generator kernel {self.generator_kernel!r} is not allowed; allowed values are {GENERATOR_KERNELS}."
+            )
+        if self.blocks_per_stage < 1:
+            raise ValueError(f"blocks_per_stage must be at least 1, got {self.blocks_per_stage}.")
+        if self.conv_backend not in CONV_BACKENDS:
+            raise ValueError(f"Unknown conv backend {self.conv_backend!r}; allowed values are {', '.join(CONV_BACKENDS)}.")
+
+    def replace(self, **changes) -> "Rep3DSettings":
+        return dataclasses.replace(self, **changes)
+
+
+def stage_feature_map_sizes(patch_size: Sequence[int], strides: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Spatial size of each encoder stage's output for a given patch.
+
+    Raises:
+        ValueError: the patch is not divisible by the network's total stride on some axis.
+    """
+    total_stride = np.prod(np.array(strides), axis=0)
+    if any(p % s for p, s in zip(patch_size, total_stride)):
+        raise ValueError(
+            f"Patch size {list(patch_size)} is too small or not divisible by the network's total stride "
+            f"{total_stride.tolist()} (the product of the plan's strides). Fix: use a patch that is a multiple of "
+            f"the total stride on every axis, or re-plan (nnUNetv2_plan_and_preprocess / rep3d-nnunet plan)."
+        )
+    sizes, current = [], list(patch_size)
+    for stride in strides:
+        current = [c // s for c, s in zip(current, stride)]
+        sizes.append(current)
+    return sizes
+
+
+def stage_kernel_sizes(patch_size: Sequence[int], strides: Sequence[Sequence[int]],
+                       plan_kernel_sizes: Sequence[Sequence[int]], requested: int) -> list[list[int]]:
+    """Large kernel per stage and axis: ``requested``, capped by what the feature map can use, 1 on flat axes.
+
+    On an axis of length D only taps within D - 1 of the centre can touch the input, so a kernel wider than
+    2 * D - 1 only adds taps that are always zero-padded. Axes where the plan's kernel is 1 (anisotropic stages)
+    stay 1, as in nnU-Net's own network.
+    """
+    kernels = []
+    for size, plan_kernel in zip(stage_feature_map_sizes(patch_size, strides), plan_kernel_sizes):
+        kernels.append([1 if pk == 1 else min(requested, 2 * d - 1) for d, pk in zip(size, plan_kernel)])
+    return kernels
+
+
+def _class_name(dotted: str) -> str:
+    return dotted.rsplit(".", 1)[-1]
+
+
+def rep3d_architecture(network_class_name: str, arch_kwargs: dict, patch_size: Sequence[int],
+                       spacing: Sequence[float], settings: Rep3DSettings) -> tuple[dict, list[str]]:
+    """Rep3DUNet keyword arguments (JSON form) and the keys nnU-Net must import, from a plan's configuration.
+
+    Args:
+        network_class_name: the plan's ``architecture.network_class_name``.
+        arch_kwargs: the plan's ``architecture.arch_kwargs`` (topology source).
+        patch_size: the configuration's patch size (caps the large kernels).
+        spacing: the configuration's voxel spacing (for a spacing-aware prior).
+        settings: the trainer's Rep3D settings; they override any Rep3D settings stored in a Rep3DUNet plan.
+
+    Raises:
+        ValueError: the plan's architecture has no U-Net topology we can derive Rep3D from, or the patch does not fit.
+    """
+    if _class_name(network_class_name) not in _TOPOLOGY_SOURCES:
+        raise ValueError(
+            f"Cannot derive a Rep3D network from the plan's architecture {network_class_name!r}. Supported sources: "
+            f"{', '.join(_TOPOLOGY_SOURCES)} (nnUNetPlans, nnUNetResEnc*Plans or a Rep3D plan)."
+        )
+    missing = [k for k in ("n_stages", "features_per_stage", "conv_op", "kernel_sizes", "strides") if k not in arch_kwargs]
+    if missing:
+        raise ValueError(f"The plan's arch_kwargs lack {missing}; re-run nnUNetv2_plan_and_preprocess.")
+    kwargs = {k: arch_kwargs[k] for k in _TOPOLOGY_KEYS if k in arch_kwargs}
+    n_stages = kwargs["n_stages"]
+    kwargs.setdefault("n_conv_per_stage_decoder", [2] * (n_stages - 1))
+    strides = [list(s) for s in kwargs["strides"]]
+    kwargs["large_kernel_sizes"] = stage_kernel_sizes(patch_size, strides, kwargs["kernel_sizes"], settings.kernel_size)
+    kwargs["n_blocks_per_stage"] = settings.blocks_per_stage
+    kwargs["block"] = settings.block
+    kwargs["modulation"] = settings.modulation
+    kwargs["generator_depth"] = settings.generator_depth
+    kwargs["generator_kernel"] = settings.generator_kernel
+    kwargs["small_kernel"] = settings.small_kernel
+    kwargs["csla_scales"] = list(settings.csla_scales)
+    kwargs["conv_backend"] = settings.conv_backend
+    if settings.spacing_aware_prior:
+        cumulative = np.cumprod(np.array(strides), axis=0)
+        kwargs["stage_spacings"] = [[float(sp * c) for sp, c in zip(spacing, stage)] for stage in cumulative]
+    else:
+        kwargs["stage_spacings"] = None
+    req_import = [k for k in _IMPORTED_KEYS if kwargs.get(k) is not None]
+    return kwargs, req_import

@@ -1,0 +1,167 @@
+"""What every Rep3D trainer shares: building the network from the plan, the optimizer and its schedule.
+
+``Rep3DTrainer`` overrides exactly the nnUNetTrainer hooks that differ (network, optimizer, schedule length); the
+named trainers in ``nnUNet_trainers/`` only set its class attributes (see ``variants``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import nn
+
+from .blocks import ModulatedDepthwiseConv
+from .config import REP3D_NETWORK_CLASS, Rep3DSettings, rep3d_architecture
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """Optimizer of a trainer variant.
+
+    The default is the paper's AdamW (betas (0.9, 0.999), eps 1e-8, weight decay 0.08) with nnU-Net's polynomial
+    decay over its epoch schedule. The learning rate is 1e-3 rather than the paper's 1e-4: the paper trains 60,000
+    iterations on 96^3 crops, while nnU-Net runs use its epoch schedule and short runs must still converge; lr 1e-4
+    variants exist for paper-faithful runs. Weight decay applies to kernels only (tensors with more than one axis),
+    not to norms, biases, beta or the generator's gains, which would otherwise be pulled towards a dead mask.
+
+    Attributes:
+        name: ``adamw`` or ``sgd`` (nnU-Net's SGD, Nesterov momentum 0.99).
+        lr: initial learning rate (large kernels, everything but the CSLA small branch).
+        weight_decay, betas, eps, momentum: optimizer terms.
+        small_branch_lr: learning rate of the CSLA small branch (paper Table 8: 3e-4 with 2e-4 for the large one);
+            None uses ``lr``.
+    """
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.08
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.99
+    small_branch_lr: float | None = None
+
+    def __post_init__(self):
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"Unknown optimizer {self.name!r}; allowed values are {', '.join(OPTIMIZERS)}.")
+
+
+def build_rep3d_network(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                        num_input_channels: int, num_output_channels: int, enable_deep_supervision: bool,
+                        settings: Rep3DSettings) -> nn.Module:
+    """Rep3DUNet for a plan's configuration (the plan gives the topology, ``settings`` the method)."""
+    kwargs, req_import = rep3d_architecture(
+        configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
+        configuration_manager.patch_size, configuration_manager.spacing, settings,
+    )
+    return get_network_from_plans(REP3D_NETWORK_CLASS, kwargs, req_import, num_input_channels, num_output_channels,
+                                  allow_init=True, deep_supervision=enable_deep_supervision)
+
+
+def parameter_groups(network: nn.Module, optim: OptimizerSettings) -> list[dict]:
+    """Splits parameters into decayed kernels, undecayed rest and (CSLA) the small branch with its own lr.
+
+    Every group carries ``initial_lr`` so a scheduler can decay each group relative to its own start.
+    """
+    small = {id(p) for m in network.modules() if isinstance(m, ModulatedDepthwiseConv) for p in m.small_branch_parameters()}
+    decay, no_decay, small_branch = [], [], []
+    for p in network.parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in small:
+            small_branch.append(p)
+        elif p.ndim > 1:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": optim.weight_decay, "initial_lr": optim.lr},
+        {"params": no_decay, "weight_decay": 0.0, "initial_lr": optim.lr},
+    ]
+    if small_branch:
+        groups.append({"params": small_branch, "weight_decay": optim.weight_decay,
+                       "initial_lr": optim.small_branch_lr or optim.lr})
+    return [g for g in groups if g["params"]]
+
+
+class PolyLRPerGroup:
+    """nnU-Net's polynomial decay, lr = initial_lr * (1 - epoch / max_epochs) ** 0.9, per parameter group.
+
+    nnU-Net's ``PolyLRScheduler`` sets one lr for every group, which would erase the CSLA branches' separate rates.
+    ``step(epoch)`` matches the call nnUNetTrainer makes at each epoch start.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_epochs: int, exponent: float = 0.9):
+        self.optimizer = optimizer
+        self.max_epochs = max_epochs
+        self.exponent = exponent
+        self.step(0)
+
+    def step(self, epoch: int) -> None:
+        factor = (1 - min(epoch, self.max_epochs - 1) / self.max_epochs) ** self.exponent
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"max_epochs": self.max_epochs, "exponent": self.exponent}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.max_epochs, self.exponent = state["max_epochs"], state["exponent"]
+
+
+def build_optimizer(network: nn.Module, optim: OptimizerSettings, num_epochs: int):
+    """Returns (optimizer, scheduler) for ``network``."""
+    groups = parameter_groups(network, optim)
+    if optim.name == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=True)
+    return optimizer, PolyLRPerGroup(optimizer, num_epochs)
+
+
+class Rep3DTrainer(nnUNetTrainer):
+    """nnUNetTrainer with a Rep3D network. Variants set the class attributes below and nothing else.
+
+    Attributes:
+        rep3d: the network's Rep3D settings.
+        optim: optimizer settings.
+        num_epochs_override, iterations_per_epoch_override: schedule length (None keeps nnU-Net's 1000 x 250).
+    """
+
+    rep3d: ClassVar[Rep3DSettings] = Rep3DSettings()
+    optim: ClassVar[OptimizerSettings] = OptimizerSettings()
+    num_epochs_override: ClassVar[int | None] = None
+    iterations_per_epoch_override: ClassVar[int | None] = None
+    val_iterations_per_epoch_override: ClassVar[int | None] = None
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = self.optim.lr
+        self.weight_decay = self.optim.weight_decay
+        if self.num_epochs_override is not None:
+            self.num_epochs = self.num_epochs_override
+        if self.iterations_per_epoch_override is not None:
+            self.num_iterations_per_epoch = self.iterations_per_epoch_override
+        if self.val_iterations_per_epoch_override is not None:
+            self.num_val_iterations_per_epoch = self.val_iterations_per_epoch_override
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        # A classmethod, not nnU-Net's staticmethod: the predictor calls it on the class and needs the variant's settings.
+        return build_rep3d_network(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                   enable_deep_supervision, cls.rep3d)
+
+    def configure_optimizers(self):
+        return build_optimizer(self.network, self.optim, self.num_epochs)

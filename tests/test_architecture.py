@@ -1,0 +1,116 @@
+"""Rep3DUNet from nnU-Net plans: topology, kernels per stage, deep supervision, variants and memory estimates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+from rep3d_nnunet.blocks import ModulatedDepthwiseConv, UXNetBlock
+from rep3d_nnunet.config import REP3D_NETWORK_CLASS, Rep3DSettings, rep3d_architecture, stage_kernel_sizes
+from rep3d_nnunet.training import build_optimizer
+from rep3d_nnunet.variants import METHODS, make_trainer_class
+
+PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+
+
+def plain_plan_kwargs(dim: int = 3, features=(4, 8, 16)) -> dict:
+    """arch_kwargs in the form nnU-Net's default planner writes them (3 stages, first one anisotropic in 3D)."""
+    n = len(features)
+    if dim == 3:
+        kernels = [[1, 3, 3]] + [[3, 3, 3]] * (n - 1)
+        strides = [[1, 1, 1], [1, 2, 2]] + [[2, 2, 2]] * (n - 2)
+    else:
+        kernels, strides = [[3, 3]] * n, [[1, 1]] + [[2, 2]] * (n - 1)
+    return {
+        "n_stages": n, "features_per_stage": list(features), "conv_op": f"torch.nn.modules.conv.Conv{dim}d",
+        "kernel_sizes": kernels, "strides": strides, "n_conv_per_stage": [2] * n,
+        "n_conv_per_stage_decoder": [2] * (n - 1), "conv_bias": True,
+        "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dim}d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+        "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
+    }
+
+
+def build(settings: Rep3DSettings, dim: int = 3, patch=(8, 16, 16), deep_supervision=True, num_classes=3):
+    kwargs, req_import = rep3d_architecture(PLAIN, plain_plan_kwargs(dim), patch, [1.0] * dim, settings)
+    return get_network_from_plans(REP3D_NETWORK_CLASS, kwargs, req_import, 1, num_classes,
+                                  deep_supervision=deep_supervision)
+
+
+def test_kernels_are_capped_by_the_feature_map_and_flat_where_the_plan_is_flat():
+    kernels = stage_kernel_sizes([8, 64, 64], [[1, 1, 1], [1, 2, 2], [2, 2, 2]], [[1, 3, 3], [3, 3, 3], [3, 3, 3]], 21)
+    assert kernels == [[1, 21, 21], [15, 21, 21], [7, 21, 21]]
+
+
+def test_a_patch_the_network_cannot_divide_is_rejected_with_the_fix():
+    with pytest.raises(ValueError, match="total stride"):
+        rep3d_architecture(PLAIN, plain_plan_kwargs(), [8, 18, 18], [1.0] * 3, Rep3DSettings())
+
+
+def test_an_architecture_without_unet_topology_is_rejected():
+    with pytest.raises(ValueError, match="Cannot derive a Rep3D network"):
+        rep3d_architecture("some.other.Net", plain_plan_kwargs(), [8, 16, 16], [1.0] * 3, Rep3DSettings())
+
+
+@pytest.mark.parametrize("dim, patch", [(3, (8, 16, 16)), (2, (16, 24))])
+def test_deep_supervision_outputs_match_nnunet_scales(dim, patch):
+    network = build(Rep3DSettings(), dim, patch)
+    outputs = network(torch.randn(2, 1, *patch))
+    assert len(outputs) == 2  # one per resolution but the lowest
+    assert outputs[0].shape == (2, 3, *patch)
+    network.decoder.deep_supervision = False
+    assert network(torch.randn(1, 1, *patch)).shape == (1, 3, *patch)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_builds_the_intended_network(name):
+    settings = METHODS[name].rep3d
+    network = build(settings)
+    convs = [m for m in network.modules() if isinstance(m, ModulatedDepthwiseConv)]
+    assert len(convs) == 3 * settings.blocks_per_stage
+    assert {c.modulation_mode for c in convs} == {settings.modulation}
+    assert convs[0].kernel_size == (1, min(settings.kernel_size, 31), min(settings.kernel_size, 31))
+    assert any(isinstance(m, UXNetBlock) for m in network.modules()) == (settings.block == "uxnet")
+    outputs = network(torch.randn(1, 1, 8, 16, 16))
+    sum(o.mean() for o in outputs).backward()
+    assert all(torch.isfinite(p.grad).all() for p in network.parameters() if p.grad is not None)
+
+
+def test_csla_trainer_gives_the_small_branch_its_own_learning_rate():
+    trainer = make_trainer_class("nnUNetTrainerRep3DCSLA")
+    optimizer, scheduler = build_optimizer(build(trainer.rep3d), trainer.optim, num_epochs=10)
+    rates = sorted({group["lr"] for group in optimizer.param_groups})
+    assert rates == pytest.approx([2e-4, 3e-4])
+    scheduler.step(5)
+    decayed = sorted({group["lr"] for group in optimizer.param_groups})
+    assert decayed[1] / decayed[0] == pytest.approx(1.5)
+
+
+def test_schedule_variants_follow_nnunet_naming():
+    trainer = make_trainer_class("nnUNetTrainerUXNetLRBM_250epochs")
+    assert trainer.num_epochs_override == 250 and trainer.rep3d.block == "uxnet"
+    assert trainer.rep3d.modulation == "lrbm" and trainer.rep3d.kernel_size == 7
+
+
+def test_unknown_trainer_variant_lists_what_exists():
+    with pytest.raises(ValueError, match="nnUNetTrainerRep3DFixedPrior.*_250epochs"):
+        make_trainer_class("nnUNetTrainerRep3D_251epochs")
+
+
+def test_memory_estimate_counts_the_large_kernel_blocks_and_fft_workspace():
+    direct = build(Rep3DSettings(conv_backend="direct"), deep_supervision=False)
+    fft = build(Rep3DSettings(conv_backend="fft"), deep_supervision=False)
+    fewer_blocks = build(Rep3DSettings(conv_backend="direct", blocks_per_stage=1), deep_supervision=False)
+    size = (8, 16, 16)
+    assert fft.compute_conv_feature_map_size(size) > direct.compute_conv_feature_map_size(size)
+    assert direct.compute_conv_feature_map_size(size) > fewer_blocks.compute_conv_feature_map_size(size)
+
+
+def test_spacing_aware_prior_uses_each_stage_spacing():
+    kwargs, _ = rep3d_architecture(PLAIN, plain_plan_kwargs(), [8, 16, 16], [3.0, 0.8, 0.8],
+                                   Rep3DSettings(spacing_aware_prior=True))
+    assert kwargs["stage_spacings"] == [[3.0, 0.8, 0.8], [3.0, 1.6, 1.6], [6.0, 3.2, 3.2]]
+    network = get_network_from_plans(REP3D_NETWORK_CLASS, kwargs, ["conv_op", "norm_op", "nonlin"], 1, 2)
+    first = next(m for m in network.modules() if isinstance(m, ModulatedDepthwiseConv))
+    prior = first.modulation.prior()
+    assert prior[0, 10, 11].item() == pytest.approx(0.5)  # one finest-axis step: index units kept

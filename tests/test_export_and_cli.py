@@ -1,0 +1,66 @@
+"""Model-folder export and the rep3d-nnunet commands: clear errors, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from rep3d_nnunet.cli import main
+from rep3d_nnunet.environment import diagnose, export_lines, report, trainer_folder
+from rep3d_nnunet.export import export_model_folder
+
+
+def _model_folder_without_checkpoints(tmp_path):
+    folder = tmp_path / "nnUNetTrainerRep3D__nnUNetPlans__3d_fullres"
+    (folder / "fold_0").mkdir(parents=True)
+    (folder / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1}}))
+    (folder / "plans.json").write_text(json.dumps({"configurations": {}}))
+    return folder
+
+
+def test_export_of_a_folder_without_checkpoints_says_so_and_writes_nothing(tmp_path, capsys):
+    folder = _model_folder_without_checkpoints(tmp_path)
+    output = tmp_path / "exported"
+    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+        export_model_folder(folder, output)
+    assert not output.exists()
+    assert main(["export", str(folder), "-o", str(output)]) == 2
+    assert "no checkpoints" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]
+
+
+def test_export_of_something_that_is_not_a_model_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an nnU-Net model folder"):
+        export_model_folder(tmp_path, tmp_path.parent / "out")
+
+
+def test_export_never_overwrites_an_existing_folder(tmp_path):
+    folder = _model_folder_without_checkpoints(tmp_path)
+    (folder / "fold_0" / "checkpoint_final.pth").write_bytes(b"not read")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="already exists"):
+        export_model_folder(folder, existing)
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+
+
+def test_env_prints_the_line_that_registers_our_trainers():
+    line = export_lines({"nnUNet_extTrainer": "/other/trainers"})[0]
+    assert line == f"export nnUNet_extTrainer={trainer_folder()}{os.pathsep}/other/trainers"
+    assert (trainer_folder() / "nnUNetTrainerRep3D.py").is_file()
+
+
+def test_doctor_names_each_problem_and_its_fix(tmp_path):
+    text, status = report(diagnose({}))
+    assert status == 1
+    assert "nnUNet_raw is not set" in text and "nnUNet_extTrainer does not list" in text
+    assert "fix: eval \"$(rep3d-nnunet env)\"" in text
+
+    environ = {name: str(tmp_path) for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    environ["nnUNet_extTrainer"] = str(trainer_folder())
+    findings = diagnose(environ)
+    assert all(f.ok or not f.blocking for f in findings), report(findings)[0]
+    assert any("finds nnUNetTrainerRep3D" in f.what for f in findings)

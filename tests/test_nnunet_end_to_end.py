@@ -1,0 +1,157 @@
+"""A full nnU-Net run with Rep3D on tiny synthetic data: nnU-Net's own commands, as users type them.
+
+convert -> nnUNetv2_plan_and_preprocess -> rep3d-nnunet plan -> nnUNetv2_train (5 folds, 2d and 3d_fullres)
+-> nnUNetv2_find_best_configuration -> nnUNetv2_predict (5-fold ensemble) -> rep3d-nnunet export
+-> nnUNetv2_predict with the folded model (identical segmentations) -> nnUNetv2_ensemble -> zip export.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from rep3d_nnunet.datasets.synthetic import generate_synthetic_dataset
+from tests.nnunet_helpers import TINY_TRAINER, nnunet_environment, run, write_tiny_trainer
+
+DATASET_ID = 971
+ANISOTROPIC_ID = 972
+PLANS = "Rep3DPlans"
+
+
+@pytest.fixture(scope="module")
+def nnunet_tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nnunet")
+    env = nnunet_environment(root, write_tiny_trainer(root / "test_trainers"))
+    dataset = generate_synthetic_dataset(Path(env["nnUNet_raw"]), DATASET_ID, task="local", num_training=10,
+                                         num_test=2, size=(24, 24, 24), seed=3)
+    run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "3d_fullres", "-np", "1"], env)
+    run(["rep3d-nnunet", "plan", "-d", str(DATASET_ID), "-c", "2d", "3d_fullres", "--base-features", "4",
+         "--max-features", "16", "-np", "1"], env)
+    return root, env, dataset
+
+
+def _model_folder(env: dict, dataset: Path, plans: str, configuration: str) -> Path:
+    return Path(env["nnUNet_results"]) / dataset.name / f"{TINY_TRAINER}__{plans}__{configuration}"
+
+
+def test_rep3d_plans_describe_a_rep3d_network(nnunet_tree):
+    root, env, dataset = nnunet_tree
+    plans = json.loads((Path(env["nnUNet_preprocessed"]) / dataset.name / f"{PLANS}.json").read_text())
+    for configuration in ("2d", "3d_fullres"):
+        architecture = plans["configurations"][configuration]["architecture"]
+        assert architecture["network_class_name"] == "rep3d_nnunet.architecture.Rep3DUNet"
+        kwargs = architecture["arch_kwargs"]
+        assert kwargs["features_per_stage"][0] == 4 and max(kwargs["features_per_stage"]) <= 16
+        # the default kernel is never shrunk for speed: 21 wherever the feature map can use it
+        assert kwargs["large_kernel_sizes"][0] == [21] * len(kwargs["kernel_sizes"][0])
+
+
+def test_five_folds_find_best_configuration_ensemble_export_and_predict(nnunet_tree):
+    root, env, dataset = nnunet_tree
+    d = str(DATASET_ID)
+    for configuration in ("2d", "3d_fullres"):
+        for fold in range(5):
+            run(["nnUNetv2_train", d, configuration, str(fold), "-tr", TINY_TRAINER, "-p", PLANS, "-device", "cpu"],
+                env)
+    run(["nnUNetv2_find_best_configuration", d, "-c", "2d", "3d_fullres", "-tr", TINY_TRAINER, "-p", PLANS,
+         "-np", "1"], env)
+    trained = _model_folder(env, dataset, PLANS, "3d_fullres")
+    assert (trained.parent / "inference_instructions.txt").is_file()
+    assert (trained / "crossval_results_folds_0_1_2_3_4" / "summary.json").is_file()
+
+    predict = ["nnUNetv2_predict", "-i", str(dataset / "imagesTs"), "-d", d, "-tr", TINY_TRAINER,
+               "-device", "cpu", "-npp", "1", "-nps", "1", "--save_probabilities"]
+    run([*predict, "-o", str(root / "pred_3d"), "-c", "3d_fullres", "-p", PLANS], env)
+    run([*predict, "-o", str(root / "pred_2d"), "-c", "2d", "-p", PLANS], env)
+
+    result = run(["rep3d-nnunet", "export", str(trained)], env)
+    exported = _model_folder(env, dataset, f"{PLANS}_folded", "3d_fullres")
+    assert "parameters ->" in result.stdout and exported.is_dir()
+    checkpoint = torch.load(exported / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["rep3d_folded"] and checkpoint["optimizer_state"] is None
+    assert not any(k for k in checkpoint["network_weights"] if "generator" in k or "beta" in k)
+
+    run([*predict, "-o", str(root / "pred_3d_folded"), "-c", "3d_fullres", "-p", f"{PLANS}_folded"], env)
+    for case in sorted((root / "pred_3d").glob("*.nii.gz")):
+        trained_seg = sitk.GetArrayFromImage(sitk.ReadImage(str(case)))
+        folded_seg = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "pred_3d_folded" / case.name)))
+        np.testing.assert_array_equal(trained_seg, folded_seg)
+        name = case.name.replace(".nii.gz", ".npz")
+        trained_prob = np.load(root / "pred_3d" / name)["probabilities"]
+        folded_prob = np.load(root / "pred_3d_folded" / name)["probabilities"]
+        assert np.abs(trained_prob - folded_prob).max() < 1e-4
+
+    run(["nnUNetv2_ensemble", "-i", str(root / "pred_3d"), str(root / "pred_2d"), "-o", str(root / "ensemble"),
+         "-np", "1"], env)
+    assert len(list((root / "ensemble").glob("*.nii.gz"))) == 2
+
+    run(["nnUNetv2_export_model_to_zip", "-d", d, "-o", str(root / "folded.zip"), "-c", "3d_fullres",
+         "-tr", TINY_TRAINER, "-p", f"{PLANS}_folded"], env)
+    assert (root / "folded.zip").stat().st_size > 0
+
+
+def test_anisotropic_dataset_trains_and_predicts(tmp_path):
+    env = nnunet_environment(tmp_path, write_tiny_trainer(tmp_path / "test_trainers"))
+    dataset = generate_synthetic_dataset(Path(env["nnUNet_raw"]), ANISOTROPIC_ID, task="local", num_training=5,
+                                         num_test=1, size=(8, 40, 40), spacing=(3.0, 0.8, 0.8), seed=5)
+    d = str(ANISOTROPIC_ID)
+    run(["nnUNetv2_plan_and_preprocess", "-d", d, "-c", "3d_fullres", "-np", "1"], env)
+    run(["rep3d-nnunet", "plan", "-d", d, "-c", "3d_fullres", "--base-features", "4", "--max-features", "16",
+         "-np", "1"], env)
+    plans = json.loads((Path(env["nnUNet_preprocessed"]) / dataset.name / f"{PLANS}.json").read_text())
+    kwargs = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    for plan_kernel, large_kernel in zip(kwargs["kernel_sizes"], kwargs["large_kernel_sizes"]):
+        for plan_k, large_k in zip(plan_kernel, large_kernel):
+            assert (large_k == 1) == (plan_k == 1)
+    assert any(1 in k for k in kwargs["large_kernel_sizes"]), "the anisotropic stages keep a flat z kernel"
+
+    run(["nnUNetv2_train", d, "3d_fullres", "0", "-tr", TINY_TRAINER, "-p", PLANS, "-device", "cpu"], env)
+    trained = _model_folder(env, dataset, PLANS, "3d_fullres")
+    run(["rep3d-nnunet", "export", str(trained), "-o", str(tmp_path / "folded")], env)
+    run(["nnUNetv2_predict_from_modelfolder", "-i", str(dataset / "imagesTs"), "-o", str(tmp_path / "pred"),
+         "-m", str(tmp_path / "folded"), "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"], env)
+    prediction = sitk.ReadImage(str(next((tmp_path / "pred").glob("*.nii.gz"))))
+    assert prediction.GetSize() == (40, 40, 8)
+    np.testing.assert_allclose(prediction.GetSpacing(), (0.8, 0.8, 3.0))
+
+
+def test_resume_restores_the_lrbm_state_exactly(nnunet_tree, monkeypatch):
+    root, env, dataset = nnunet_tree
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+        monkeypatch.setenv(name, env[name])
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    trainer = get_trainer_from_args(str(DATASET_ID), "3d_fullres", 4, "nnUNetTrainerRep3D", PLANS,
+                                    device=torch.device("cpu"))
+    trainer.initialize()
+    patch = trainer.configuration_manager.patch_size
+    x = torch.randn(2, 1, *patch)
+    trainer.network.train()
+    for _ in range(2):  # move beta, the generator and the optimizer's moments away from their initial values
+        trainer.optimizer.zero_grad()
+        outputs = trainer.network(x)
+        sum(o.square().mean() for o in outputs).backward()
+        trainer.optimizer.step()
+    checkpoint = root / "resume_checkpoint.pth"
+    trainer.save_checkpoint(str(checkpoint))
+
+    resumed = get_trainer_from_args(str(DATASET_ID), "3d_fullres", 4, "nnUNetTrainerRep3D", PLANS,
+                                    continue_training=True, device=torch.device("cpu"))
+    resumed.load_checkpoint(str(checkpoint))
+    original_state, resumed_state = trainer.network.state_dict(), resumed.network.state_dict()
+    lrbm_keys = [k for k in original_state if "generator" in k or "beta" in k]
+    assert lrbm_keys
+    for key in original_state:
+        assert torch.equal(original_state[key], resumed_state[key]), key
+    for group_a, group_b in zip(trainer.optimizer.state_dict()["state"].values(),
+                                resumed.optimizer.state_dict()["state"].values()):
+        for name in group_a:
+            assert torch.equal(torch.as_tensor(group_a[name]), torch.as_tensor(group_b[name]))
+    trainer.network.eval(), resumed.network.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.network(x)[0], resumed.network(x)[0], rtol=0, atol=0)
