@@ -118,13 +118,19 @@ class Rep3DEncoder(nn.Module):
         return skips if self.return_skips else skips[-1]
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
-        output = np.int64(0)
+        """Voxels of all encoder feature maps for one sample, plus the largest FFT workspace.
+
+        Feature maps stay alive for the backward pass and add up; an FFT workspace lives only while its layer
+        runs, so only the largest one counts.
+        """
+        output, workspace = np.int64(0), np.int64(0)
         for stage, stride in zip(self.stages, self.strides):
             output += stage[0].compute_conv_feature_map_size(input_size)
             input_size = [i // s for i, s in zip(input_size, stride)]
             for block in stage[1:]:
                 output += block.compute_conv_feature_map_size(input_size)
-        return output
+                workspace = max(workspace, block.conv.fft_workspace_size(input_size))
+        return output + workspace
 
 
 class Rep3DUNet(nn.Module):

@@ -16,13 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .modulation import (
-    GENERATOR_DEPTHS,
-    GENERATOR_KERNELS,
-    KernelModulation,
-    check_kernel_size,
-    check_modulation_mode,
-)
+from .modulation import KernelModulation, check_generator, check_kernel_size, check_modulation_mode
 from .ops import depthwise_conv, fft_workspace_voxels, choose_backend
 
 _POINTWISE_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -78,12 +72,7 @@ class ModulatedDepthwiseConv(nn.Module):
             raise ValueError(f"Only 2D and 3D convolutions are supported, got dim={dim!r}.")
         self.modulation_mode = check_modulation_mode(modulation)
         self.kernel_size = check_kernel_size(kernel_size, dim)
-        if generator_depth not in GENERATOR_DEPTHS:
-            raise ValueError(f"Generator depth {generator_depth!r} is not allowed; allowed values are {GENERATOR_DEPTHS}.")
-        if generator_kernel not in GENERATOR_KERNELS:
-            raise ValueError(
-                f"Generator kernel {generator_kernel!r} is not allowed; allowed values are {GENERATOR_KERNELS}."
-            )
+        check_generator(generator_depth, generator_kernel)
         self.channels = channels
         self.dim = dim
         self.backend = backend
@@ -189,12 +178,20 @@ class ModulatedDepthwiseConv(nn.Module):
         return f"{self.channels}, kernel_size={self.kernel_size}, modulation={mode}, backend={self.backend}"
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
-        """Voxels held for this conv at input_size: its output plus, on the FFT path, the FFT workspace."""
-        output = np.prod([self.channels, *input_size], dtype=np.int64)
-        if choose_backend((1, self.channels, *input_size), self.kernel_size, "cuda") if self.backend == "auto" \
-                else self.backend == "fft":
-            output += np.int64(self.channels) * np.int64(fft_workspace_voxels(tuple(input_size), self.kernel_size))
-        return output
+        """Voxels of this conv's output for one sample of spatial size ``input_size``."""
+        return np.prod([self.channels, *input_size], dtype=np.int64)
+
+    def fft_workspace_size(self, input_size: Sequence[int]) -> np.int64:
+        """Transient voxels the FFT path needs for one sample (0 on the direct path).
+
+        Planning is for training on a GPU, so ``auto`` is resolved as it would be there.
+        """
+        backend = self.backend
+        if backend == "auto":
+            backend = choose_backend((1, self.channels, *input_size), self.kernel_size, "cuda", requires_grad=True)
+        if backend != "fft":
+            return np.int64(0)
+        return np.int64(self.channels) * np.int64(fft_workspace_voxels(tuple(input_size), self.kernel_size))
 
 
 @torch.no_grad()

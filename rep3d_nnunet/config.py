@@ -13,12 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .modulation import (
-    GENERATOR_DEPTHS,
-    GENERATOR_KERNELS,
-    check_kernel_size,
-    check_modulation_mode,
-)
+from .modulation import check_generator, check_kernel_size, check_modulation_mode
 
 REP3D_NETWORK_CLASS = "rep3d_nnunet.architecture.Rep3DUNet"
 BLOCK_TYPES = ("rep3d", "uxnet")
@@ -64,12 +59,7 @@ class Rep3DSettings:
         check_modulation_mode(self.modulation)
         check_kernel_size(self.kernel_size, 1)
         check_kernel_size(self.small_kernel, 1)
-        if self.generator_depth not in GENERATOR_DEPTHS:
-            raise ValueError(f"Generator depth {self.generator_depth!r} is not allowed; allowed values are {GENERATOR_DEPTHS}.")
-        if self.generator_kernel not in GENERATOR_KERNELS:
-            raise ValueError(
-                f"Generator kernel {self.generator_kernel!r} is not allowed; allowed values are {GENERATOR_KERNELS}."
-            )
+        check_generator(self.generator_depth, self.generator_kernel)
         if self.blocks_per_stage < 1:
             raise ValueError(f"blocks_per_stage must be at least 1, got {self.blocks_per_stage}.")
         if self.conv_backend not in CONV_BACKENDS:

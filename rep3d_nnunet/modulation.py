@@ -36,6 +36,14 @@ def check_modulation_mode(mode: str) -> str:
     return mode
 
 
+def check_generator(depth: int, generator_kernel: int) -> None:
+    """Raises ValueError naming the allowed values if the LRBM generator's depth or kernel is not allowed."""
+    if depth not in GENERATOR_DEPTHS:
+        raise ValueError(f"Generator depth {depth!r} is not allowed; allowed values are {GENERATOR_DEPTHS}.")
+    if generator_kernel not in GENERATOR_KERNELS:
+        raise ValueError(f"Generator kernel {generator_kernel!r} is not allowed; allowed values are {GENERATOR_KERNELS}.")
+
+
 def check_kernel_size(kernel_size: int | Sequence[int], dim: int) -> tuple[int, ...]:
     """Expands an int to ``dim`` axes and checks that every axis is a positive odd number.
 
@@ -151,12 +159,7 @@ class LRBMGenerator(nn.Module):
 
     def __init__(self, channels: int, kernel_size: Sequence[int], depth: int = 2, generator_kernel: int = 7):
         super().__init__()
-        if depth not in GENERATOR_DEPTHS:
-            raise ValueError(f"Generator depth {depth!r} is not allowed; allowed values are {GENERATOR_DEPTHS}.")
-        if generator_kernel not in GENERATOR_KERNELS:
-            raise ValueError(
-                f"Generator kernel {generator_kernel!r} is not allowed; allowed values are {GENERATOR_KERNELS}."
-            )
+        check_generator(depth, generator_kernel)
         self.channels = channels
         dim = len(kernel_size)
         conv_op = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]

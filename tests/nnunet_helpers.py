@@ -31,9 +31,16 @@ def nnunet_environment(root: Path, extra_trainer_folder: Path | None = None) -> 
         (root / name).mkdir(parents=True, exist_ok=True)
     folders = [str(trainer_folder())] + ([str(extra_trainer_folder)] if extra_trainer_folder else [])
     env["nnUNet_extTrainer"] = os.pathsep.join(folders)
-    env.update({"nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "nnUNet_compile": "false",
-                "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2")})
+    env.update({"nnUNet_def_n_proc": "1", "nnUNet_compile": "false"})
     return env
+
+
+def training_environment(env: dict) -> dict:
+    """Augmentation in the training process itself: worker processes only cost time on two cores.
+
+    (Not for planning: nnU-Net's planner passes nnUNet_n_proc_DA to torch.set_num_threads, which rejects 0.)
+    """
+    return {**env, "nnUNet_n_proc_DA": "0"}
 
 
 def write_tiny_trainer(folder: Path) -> Path:

@@ -16,7 +16,7 @@ import SimpleITK as sitk
 import torch
 
 from rep3d_nnunet.datasets.synthetic import generate_synthetic_dataset
-from tests.nnunet_helpers import TINY_TRAINER, nnunet_environment, run, write_tiny_trainer
+from tests.nnunet_helpers import TINY_TRAINER, nnunet_environment, run, training_environment, write_tiny_trainer
 
 DATASET_ID = 971
 ANISOTROPIC_ID = 972
@@ -57,7 +57,7 @@ def test_five_folds_find_best_configuration_ensemble_export_and_predict(nnunet_t
     for configuration in ("2d", "3d_fullres"):
         for fold in range(5):
             run(["nnUNetv2_train", d, configuration, str(fold), "-tr", TINY_TRAINER, "-p", PLANS, "-device", "cpu"],
-                env)
+                training_environment(env))
     run(["nnUNetv2_find_best_configuration", d, "-c", "2d", "3d_fullres", "-tr", TINY_TRAINER, "-p", PLANS,
          "-np", "1"], env)
     trained = _model_folder(env, dataset, PLANS, "3d_fullres")
@@ -110,7 +110,8 @@ def test_anisotropic_dataset_trains_and_predicts(tmp_path):
             assert (large_k == 1) == (plan_k == 1)
     assert any(1 in k for k in kwargs["large_kernel_sizes"]), "the anisotropic stages keep a flat z kernel"
 
-    run(["nnUNetv2_train", d, "3d_fullres", "0", "-tr", TINY_TRAINER, "-p", PLANS, "-device", "cpu"], env)
+    run(["nnUNetv2_train", d, "3d_fullres", "0", "-tr", TINY_TRAINER, "-p", PLANS, "-device", "cpu"],
+        training_environment(env))
     trained = _model_folder(env, dataset, PLANS, "3d_fullres")
     run(["rep3d-nnunet", "export", str(trained), "-o", str(tmp_path / "folded")], env)
     run(["nnUNetv2_predict_from_modelfolder", "-i", str(dataset / "imagesTs"), "-o", str(tmp_path / "pred"),

@@ -1,0 +1,186 @@
+"""One nnU-Net training iteration: Rep3DUNet (k=21, LRBM) vs nnU-Net's default PlainConvUNet from the same plan.
+
+Both networks come from the plan nnU-Net's default planner would write for the patch (its topology helper), each
+with its own trainer's optimizer (SGD for nnU-Net, AdamW for Rep3D) and nnU-Net's deep-supervised Dice+CE loss.
+Times are medians over repeated iterations after warm-up, variants interleaved in one process; peak memory is
+torch.cuda.max_memory_allocated on CUDA and the peak resident set of a child process per variant on CPU.
+
+    python benchmarks/bench_network.py                         # CPU, 48^3 patch, batch 2
+    python benchmarks/bench_network.py --device cuda --patch 128 --amp --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+from rep3d_nnunet.architecture import Rep3DUNet
+from rep3d_nnunet.config import Rep3DSettings, rep3d_architecture
+from rep3d_nnunet.training import OptimizerSettings, build_optimizer
+
+NUM_CLASSES = 3
+
+
+def default_plan(patch: int) -> dict:
+    """arch_kwargs of nnU-Net's default 3d_fullres plan for an isotropic patch (features 32 doubling, cap 320)."""
+    _, strides, kernels, patch_size, _ = get_pool_and_conv_props([1.0] * 3, [patch] * 3, 4, 999999)
+    n = len(strides)
+    return {
+        "patch_size": list(patch_size),
+        "arch": {
+            "n_stages": n, "features_per_stage": [min(320, 32 * 2 ** i) for i in range(n)],
+            "conv_op": torch.nn.Conv3d, "kernel_sizes": kernels, "strides": strides, "n_conv_per_stage": [2] * n,
+            "n_conv_per_stage_decoder": [2] * (n - 1), "conv_bias": True, "norm_op": torch.nn.InstanceNorm3d,
+            "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+            "nonlin": torch.nn.LeakyReLU, "nonlin_kwargs": {"inplace": True},
+        },
+    }
+
+
+def build(name: str, plan: dict) -> torch.nn.Module:
+    if name == "nnunet":
+        network = PlainConvUNet(1, num_classes=NUM_CLASSES, deep_supervision=True, **plan["arch"])
+        network.apply(PlainConvUNet.initialize)
+        return network
+    kwargs, _ = rep3d_architecture("PlainConvUNet", plan["arch"], plan["patch_size"], [1.0] * 3,
+                                   Rep3DSettings(conv_backend=name.split(":")[1] if ":" in name else "auto"))
+    network = Rep3DUNet(1, num_classes=NUM_CLASSES, deep_supervision=True, **kwargs)
+    network.apply(Rep3DUNet.initialize)
+    return network
+
+
+def make_step(name: str, network, plan, device, batch, amp: bool, compile_network: bool):
+    if name == "nnunet":
+        optimizer = torch.optim.SGD(network.parameters(), 1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    else:
+        optimizer, _ = build_optimizer(network, OptimizerSettings(), num_epochs=1000)
+    n_outputs = len(plan["arch"]["strides"]) - 1
+    weights = np.array([1 / (2 ** i) for i in range(n_outputs)])
+    loss = DeepSupervisionWrapper(
+        DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1,
+                       weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss),
+        weights / weights.sum())
+    patch = plan["patch_size"]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 1, *patch, generator=generator).to(device)
+    # deep supervision targets at nnU-Net's scales: 1 / cumprod(strides), all but the lowest resolution
+    cumulative = np.cumprod(np.array(plan["arch"]["strides"]), axis=0)
+    targets = [torch.randint(0, NUM_CLASSES, (batch, 1, *[p // int(c) for p, c in zip(patch, cumulative[i])]),
+                             generator=generator).float().to(device) for i in range(n_outputs)]
+    model = torch.compile(network) if compile_network else network
+    scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, enabled=amp, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16):
+            outputs = model(x)
+            value = loss(outputs, targets)
+        if scaler is not None:
+            scaler.scale(value).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            value.backward()
+            optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return step
+
+
+def child_peak_rss_mb(args, name: str) -> float:
+    """Peak resident memory of a fresh process running the variant's iterations (CPU memory measure)."""
+    command = [sys.executable, __file__, "--child", name, "--patch", str(args.patch), "--batch", str(args.batch),
+               "--repeats", "1", "--warmup", "1"]
+    result = subprocess.run(command, check=True, capture_output=True, text=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--patch", type=int, default=48)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--amp", action="store_true", help="also run with autocast (fp16 + GradScaler on CUDA)")
+    parser.add_argument("--compile", action="store_true", help="also run torch.compile'd networks")
+    parser.add_argument("--variants", nargs="+", default=["nnunet", "rep3d", "rep3d:direct"],
+                        help="nnunet, rep3d (auto backend), rep3d:fft, rep3d:direct")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    plan = default_plan(args.patch)
+
+    if args.child:
+        step = make_step(args.child, build(args.child, plan).to(device), plan, device, args.batch, False, False)
+        for _ in range(args.warmup + args.repeats):
+            step()
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # peak RSS in MiB (Linux: KiB units)
+        return
+
+    modes = [(False, False)] + ([(True, False)] if args.amp else []) + ([(args.amp, True)] if args.compile else [])
+    print(f"device {device}, patch {plan['patch_size']}, batch {args.batch}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}")
+    print(f"plan: features {plan['arch']['features_per_stage']}, strides {plan['arch']['strides']}")
+    results = {}
+    for amp, compiled in modes:
+        steps = {}
+        for name in args.variants:
+            if name == "rep3d:direct" and device.type == "cpu" and args.patch > 32:
+                print(f"skipping {name} at {args.patch}^3 on CPU: torch's direct 21^3 depthwise backward takes "
+                      f"minutes per iteration (DESIGN.md section 3)")
+                continue
+            network = build(name, plan).to(device)
+            try:
+                steps[name] = make_step(name, network, plan, device, args.batch, amp, compiled)
+                for _ in range(args.warmup):
+                    steps[name]()
+            except Exception as error:  # noqa: BLE001  report and go on: a benchmark prints what works
+                print(f"{name} amp={amp} compile={compiled}: failed: {type(error).__name__}: {error}")
+                steps.pop(name, None)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = {name: [] for name in steps}
+        peaks = {}
+        for _ in range(args.repeats):
+            for name, step in steps.items():  # interleaved
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                started = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - started)
+                if device.type == "cuda":
+                    peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated() / 2 ** 20)
+        for name in steps:
+            if device.type == "cpu" and not amp and not compiled:
+                peaks[name] = child_peak_rss_mb(args, name)
+            results[(name, amp, compiled)] = (statistics.median(times[name]), peaks.get(name))
+    base = {(amp, c): results[("nnunet", amp, c)] for (n, amp, c) in results if n == "nnunet"}
+    unit, scale = ("ms", 1e3) if device.type == "cuda" else ("s", 1.0)
+    print(f"\n| variant | amp | compile | iteration ({unit}, median) | x nnU-Net | peak memory (MiB) | x nnU-Net |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for (name, amp, compiled), (seconds, peak) in results.items():
+        ref_seconds, ref_peak = base.get((amp, compiled), (None, None))
+        time_ratio = f"{seconds / ref_seconds:.2f}" if ref_seconds else "-"
+        peak_text = f"{peak:.0f}" if peak else "-"
+        peak_ratio = f"{peak / ref_peak:.2f}" if peak and ref_peak else "-"
+        print(f"| {name} | {amp} | {compiled} | {seconds * scale:.3g} | {time_ratio} | {peak_text} | {peak_ratio} |")
+    print(json.dumps({f"{n}|amp={a}|compile={c}": v for (n, a, c), v in results.items()}))
+
+
+if __name__ == "__main__":
+    main()
