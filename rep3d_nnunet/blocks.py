@@ -106,7 +106,9 @@ class ModulatedDepthwiseConv(nn.Module):
         tensors = list(self.modulation.parameters()) + list(self.modulation.buffers())
         key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
         if self._mask_cache is None or self._mask_cache[0] != key:
-            self._mask_cache = (key, self.modulation())
+            # float64, rounded once: the generator's norm reductions then give the same float32 mask whatever the
+            # thread count, so folded weights (computed at export) match the trained model's runtime mask bit for bit.
+            self._mask_cache = (key, self.modulation(torch.float64).to(self.weight.dtype))
         return self._mask_cache[1]
 
     def effective_weight(self) -> torch.Tensor:

@@ -112,9 +112,10 @@ class DistancePrior(nn.Module):
     def beta(self) -> torch.Tensor:
         return F.softplus(self.beta_raw)
 
-    def forward(self) -> torch.Tensor:
-        beta = self.beta
-        return beta / (self.distance + beta)
+    def forward(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        beta = self.beta if dtype is None else F.softplus(self.beta_raw.to(dtype))
+        distance = self.distance if dtype is None else self.distance.to(dtype)
+        return beta / (distance + beta)
 
 
 class KernelLayerNorm(nn.Module):
@@ -135,7 +136,7 @@ class KernelLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # group_norm with one group per channel == normalisation over the spatial taps of each channel.
-        return F.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
+        return F.group_norm(x, x.shape[1], self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
 class LRBMGenerator(nn.Module):
@@ -174,7 +175,7 @@ class LRBMGenerator(nn.Module):
     def forward(self, prior: torch.Tensor) -> torch.Tensor:
         x = prior.expand(1, self.channels, *prior.shape)
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-            x = norm(conv(x))
+            x = norm(conv._conv_forward(x, conv.weight.to(x.dtype), conv.bias.to(x.dtype)))
             if i < len(self.convs) - 1:
                 x = torch.sigmoid(x)
         return x.transpose(0, 1)
@@ -212,8 +213,15 @@ class KernelModulation(nn.Module):
             LRBMGenerator(channels, kernel_size, generator_depth, generator_kernel) if mode == "lrbm" else None
         )
 
-    def forward(self) -> torch.Tensor:
-        prior = self.prior()
-        if self.generator is None:
-            return prior[None, None]
-        return prior[None, None] + self.generator(prior)
+    def forward(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The mask, computed in float32 (or ``dtype``) even under autocast: it scales every kernel tap.
+
+        Args:
+            dtype: compute dtype; float64 makes the result independent of how many threads the reductions use.
+        """
+        device_type = self.prior.distance.device.type
+        with torch.autocast(device_type, enabled=False):
+            prior = self.prior(dtype)
+            if self.generator is None:
+                return prior[None, None]
+            return prior[None, None] + self.generator(prior)

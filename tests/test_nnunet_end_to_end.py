@@ -56,8 +56,9 @@ def test_five_folds_find_best_configuration_ensemble_export_and_predict(nnunet_t
     d = str(DATASET_ID)
     for configuration in ("2d", "3d_fullres"):
         for fold in range(5):
-            run(["nnUNetv2_train", d, configuration, str(fold), "-tr", TINY_TRAINER, "-p", PLANS, "-device", "cpu"],
-                training_environment(env))
+            # --npz keeps the validation softmax that find_best_configuration ensembles
+            run(["nnUNetv2_train", d, configuration, str(fold), "-tr", TINY_TRAINER, "-p", PLANS, "-device", "cpu",
+                 "--npz"], training_environment(env))
     run(["nnUNetv2_find_best_configuration", d, "-c", "2d", "3d_fullres", "-tr", TINY_TRAINER, "-p", PLANS,
          "-np", "1"], env)
     trained = _model_folder(env, dataset, PLANS, "3d_fullres")
