@@ -1,0 +1,434 @@
+"""Depthwise convolution with large kernels: a direct backend (torch's conv), an FFT backend, and a cost-model choice.
+
+``depthwise_conv(x, weight, bias, backend)`` has the semantics of ``F.conv2d/conv3d(x, weight, bias, padding=k // 2,
+groups=C)``: stride 1, zero "same" padding, cross-correlation, one filter per channel.
+
+Why an FFT backend: torch's depthwise 3D conv has slow backward passes (im2col GEMM on CPU; a weight-gradient
+kernel that re-reads the input once per tap on CUDA), so forward+backward of a 21^3 kernel costs prod(k) = 9261
+multiply-adds per voxel and direction. In the frequency domain every pass costs O(n log n) per voxel, independent of k.
+
+Exactness trick (both backends): along an axis of length D only offsets |o| <= D - 1 reach an input voxel from an
+output voxel, so the kernel is cropped to radius r = min(k // 2, D - 1). The cropped taps multiply padding only,
+contribute nothing, and get an exactly zero gradient. The FFT size per axis is the smallest 7-smooth n >= D + r.
+
+No-aliasing argument for n >= D + r (u = the cropped kernel stored centred, u[j mod n] = w[c + j], |j| <= r):
+    forward      y[p]  = sum_q x[q] u[(q - p) mod n]       q - p in [-(D-1), D-1]; a wrong match needs
+                                                           |q - p - j| = n for some |j| <= r, i.e. n <= D - 1 + r.
+    grad input   gx[q] = sum_p gy[p] u[(q - p) mod n]      the same index set as the forward.
+    grad weight  gw[j] = sum_p gy[p] x[(p + j) mod n]      for |j| <= r, p + j + n >= n - r >= D and
+                                                           p + j - n <= D - 1 + r - n < 0: only the true term.
+So every result is exact up to float rounding, with about (D + r) / (D + k - 1) of the usual linear-conv FFT size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+BACKENDS = ("auto", "direct", "fft")
+
+# ---- cost model ----------------------------------------------------------------------------------------------------
+def _by_key(cpu_train: float, cpu_infer: float, cuda_train: float, cuda_infer: float) -> dict[tuple[str, bool], float]:
+    """Constants keyed (device type, a backward pass follows)."""
+    return {
+        ("cpu", True): cpu_train, ("cpu", False): cpu_infer, ("cuda", True): cuda_train, ("cuda", False): cuda_infer
+    }
+
+
+# Modelled seconds = per-unit constant * work + per-call overhead, keyed (device type, backward follows).
+#   direct work: multiply-adds of one pass, N*C*prod(D)*prod(k_eff) (k_eff: the cropped kernel);
+#   FFT work:    N*C*prod(n)*log2(prod(n)), the butterfly count of one full-size transform.
+# The constants cover all passes (forward; or forward + grad input + grad weight). CPU: fitted to medians measured on
+# this project's 2-core CPU (torch 2.15, 2 threads, float32; ``benchmarks/bench_ops.py --calibrate``; the forward-only
+# direct constant is the fit's upper range, since oneDNN's per-MAC speed varies 3x with k). CUDA: a model,
+# not measured: direct at ~10% of an H100's fp32 peak (the native depthwise kernel re-reads the input per
+# weight tap in its weight-gradient pass), FFT at half the memory-bound rate of unfused torch.fft calls (DESIGN.md,
+# section 4), ~20 kernel launches of overhead per forward+backward.
+#                      (cpu, training)  (cpu, inference)  (cuda, training)  (cuda, inference)
+_DIRECT_SECONDS_PER_MAC = _by_key(2.2e-9, 4.0e-11, 1.0e-12, 3.0e-13)
+_DIRECT_OVERHEAD_SECONDS = _by_key(2.5e-4, 4e-5, 5e-5, 2e-5)
+_FFT_SECONDS_PER_UNIT = _by_key(3.6e-9, 1.2e-9, 6.0e-12, 2.5e-12)
+_FFT_OVERHEAD_SECONDS = _by_key(2e-3, 5e-4, 3e-4, 1e-4)
+# The FFT backend must be modelled this much faster: it allocates spectra, deviates from torch's conv by rounding,
+# and near the break-even the model cannot tell the two apart.
+_FFT_MARGIN = 2.0
+# A cropped kernel this small (3^3, 1x3x3, 1^3, ...) always stays on torch's conv, whatever the shape: measured on
+# CPU, FFT wins by 1.5x at most there, and it is where cuDNN/oneDNN are at their best.
+_SMALL_KERNEL_TAPS = 27
+
+
+class _Plan(NamedTuple):
+    """Geometry of one convolution: per spatial axis the cropped radius and the FFT size.
+
+    ``dims`` are the negative tensor axes transformed by the FFT (those with a radius > 0); along the others the
+    cropped kernel has one tap and acts as a per-position scale, so no transform is needed there.
+    """
+
+    spatial: tuple[int, ...]
+    kernel: tuple[int, ...]
+    radii: tuple[int, ...]
+    fft_sizes: tuple[int, ...]
+    dims: tuple[int, ...]
+
+    @property
+    def cropped(self) -> bool:
+        return any(2 * r + 1 != k for r, k in zip(self.radii, self.kernel))
+
+    def fft_shape(self) -> tuple[int, ...]:
+        return tuple(self.fft_sizes[d] for d in self.dims)
+
+
+@functools.lru_cache(maxsize=4096)
+def next_smooth_size(minimum: int) -> int:
+    """Smallest integer >= ``minimum`` whose prime factors are all in {2, 3, 5, 7} (fast for pocketfft and cuFFT)."""
+    n = max(1, int(minimum))
+    while True:
+        m = n
+        for p in (2, 3, 5, 7):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
+def _as_kernel_size(kernel_size: int | Sequence[int], dim: int) -> tuple[int, ...]:
+    sizes = (int(kernel_size),) * dim if isinstance(kernel_size, int) else tuple(int(k) for k in kernel_size)
+    if len(sizes) != dim:
+        raise ValueError(f"Kernel size {sizes} has {len(sizes)} axes but the input has {dim} spatial axes.")
+    if any(k < 1 or k % 2 == 0 for k in sizes):
+        raise ValueError(f"Kernel size {sizes} is not allowed: every axis must be a positive odd number (1, 3, ...).")
+    return sizes
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(spatial: tuple[int, ...], kernel: tuple[int, ...]) -> _Plan:
+    radii = tuple(min(k // 2, max(d - 1, 0)) for d, k in zip(spatial, kernel))
+    fft_sizes = tuple(next_smooth_size(d + r) if r > 0 else d for d, r in zip(spatial, radii))
+    nd = len(spatial)
+    dims = tuple(i - nd for i in range(nd) if radii[i] > 0)
+    return _Plan(spatial, kernel, radii, fft_sizes, dims)
+
+
+def _crop_slices(plan: _Plan) -> tuple[slice, ...]:
+    """Slices of the kernel's spatial axes that keep the taps within the radius of the centre."""
+    return tuple(slice(k // 2 - r, k // 2 + r + 1) for k, r in zip(plan.kernel, plan.radii))
+
+
+# ---- FFT backend ---------------------------------------------------------------------------------------------------
+def _kernel_spectrum(weight: Tensor, plan: _Plan) -> Tensor:
+    """Spectrum of the cropped kernel stored centred (tap offset j at index j mod n).
+
+    Args:
+        weight: [C, 1, *k] real.
+
+    Returns:
+        [C, *m] complex, m the rfftn shape along ``plan.dims`` and 1 along the other axes; without transformed axes
+        the real cropped kernel [C, 1, ...] itself (a per-channel scale).
+    """
+    u = weight[(slice(None), 0) + _crop_slices(plan)]
+    if not plan.dims:
+        return u
+    # Transform the kernel stored at indices 0..2r, then centre it with a phase ramp (a shift by -r is a factor
+    # exp(+2 pi i f r / n) per axis): one pass over the spectrum instead of padding and rolling the real buffer.
+    spectrum = torch.fft.rfftn(u, s=plan.fft_shape(), dim=plan.dims)
+    return spectrum.mul_(_centring_phase(plan, spectrum.dtype, spectrum.device))
+
+
+def _centring_phase(plan: _Plan, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """exp(2 pi i sum_a f_a r_a / n_a) on the rfftn grid, shaped to broadcast against a [C, *m] spectrum.
+
+    Built on the spectrum's device (a host-to-device copy would synchronise a CUDA stream), in the spectrum's real
+    precision; f * r is reduced modulo n in integers first, so every angle is exact before the float rounding.
+    """
+    real = torch.empty((), dtype=dtype).real.dtype
+    nd = len(plan.spatial)
+    phase = None
+    for d in plan.dims:
+        n, r = plan.fft_sizes[d], plan.radii[d]
+        freqs = torch.arange(n // 2 + 1 if d == plan.dims[-1] else n, dtype=torch.int64, device=device)
+        angle = (freqs * r % n).to(real) * (2 * math.pi / n)
+        shape = [1] * nd
+        shape[d + nd] = -1
+        factor = torch.polar(torch.ones_like(angle), angle).view(shape)
+        phase = factor if phase is None else phase * factor
+    return phase
+
+
+def _crop_to_input(t: Tensor, plan: _Plan) -> Tensor:
+    for d in plan.dims:
+        t = t.narrow(d, 0, plan.spatial[d])
+    return t
+
+
+def _gather_taps(t: Tensor, plan: _Plan) -> Tensor:
+    """Reads offsets -r..r (stored at indices n-r..n-1, 0..r) along every transformed axis, in kernel order."""
+    for d in plan.dims:
+        r, n = plan.radii[d], plan.fft_sizes[d]
+        t = torch.cat([t.narrow(d, n - r, r), t.narrow(d, 0, r + 1)], dim=d)
+    return t
+
+
+def _autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
+    try:
+        return torch.autocast(device_type=device_type, enabled=False)
+    except RuntimeError:  # a device type without autocast support has nothing to disable
+        return contextlib.nullcontext()
+
+
+class _FFTDepthwiseConv(torch.autograd.Function):
+    """Forward, grad input and grad weight of the depthwise conv in the frequency domain (real FFTs).
+
+    Saved for backward: x and the weight only, exactly what torch's conv saves, so switching backends does not change
+    the activation memory held between forward and backward (the quantity nnU-Net's planner sizes patches by).
+    Both spectra are recomputed in backward instead: the input spectrum X ([N, C, *m] complex, ~2-2.5x the input at
+    k = 21) and the kernel spectrum U ([C, *m], ~2-2.5x one sample's input). Saving them would spare 2 of the 8
+    transforms of a batch-1 forward+backward (~25% of FFT time) for up to +4.5 inputs of memory per conv, about
+    doubling a Rep3D block's saved activations. Within backward the grad-output spectrum is shared by both gradients,
+    and the weight gradient sums the batch in the frequency domain (one inverse transform per channel, not per
+    sample).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan, compute: torch.dtype) -> Tensor:
+        ctx.plan = plan
+        ctx.compute = compute
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        # The originals are saved, the casts recomputed: under AMP x arrives in half precision, and saving its float32
+        # copy would double what torch's conv keeps.
+        ctx.save_for_backward(x, weight)
+        x, weight = x.to(compute), weight.to(compute)
+        spectrum = _kernel_spectrum(weight, plan)
+        if plan.dims:
+            xf = torch.fft.rfftn(x, s=plan.fft_shape(), dim=plan.dims)
+            xf.mul_(spectrum.conj())
+            del spectrum
+            y = _crop_to_input(torch.fft.irfftn(xf, s=plan.fft_shape(), dim=plan.dims), plan)
+            del xf
+        else:
+            y = x * spectrum  # all radii 0: a 1-tap kernel is a per-channel scale
+        # The crop is a view into the padded buffer; the add (or the copy) materialises it so the buffer is freed.
+        y = y + bias.to(compute).view(-1, *([1] * len(plan.spatial))) if bias is not None else y.contiguous()
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor):
+        x_saved, weight_saved = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        x, weight = x_saved.to(ctx.compute), weight_saved.to(ctx.compute)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = grad_w = grad_b = None
+        spatial_axes = tuple(range(2, x.ndim))
+        with _autocast_disabled(x.device.type):
+            grad_y = grad_y.to(ctx.compute)
+            if need_b and ctx.bias_dtype is not None:
+                grad_b = grad_y.sum(dim=(0,) + spatial_axes).to(ctx.bias_dtype)
+            if need_w:
+                grad_w = torch.zeros_like(weight)
+            if not plan.dims:
+                if need_w:
+                    taps = (grad_y * x).sum(dim=(0,) + spatial_axes)
+                    grad_w[(slice(None), 0) + _crop_slices(plan)] = taps.view(-1, *([1] * len(plan.spatial)))
+                if need_x:
+                    grad_x = grad_y * _kernel_spectrum(weight, plan)
+                return _cast_grads(grad_x, grad_w, grad_b, x_saved, weight_saved)
+            shape = plan.fft_shape()
+            gyf = torch.fft.rfftn(grad_y, s=shape, dim=plan.dims)
+            if need_w:
+                xf = torch.fft.rfftn(x, s=shape, dim=plan.dims)
+                xf.mul_(gyf.conj())
+                # Summing the batch (and untransformed axes) in the frequency domain leaves one inverse per channel.
+                untransformed = tuple(a for a in spatial_axes if a - x.ndim not in plan.dims)
+                cross = xf.sum(dim=(0,) + untransformed, keepdim=True)
+                del xf
+                taps = _gather_taps(torch.fft.irfftn(cross, s=shape, dim=plan.dims), plan)
+                grad_w[(slice(None), 0) + _crop_slices(plan)] = taps[0]
+            if need_x:
+                gyf.mul_(_kernel_spectrum(weight, plan))
+                grad_x = _crop_to_input(torch.fft.irfftn(gyf, s=shape, dim=plan.dims), plan).contiguous()
+        return _cast_grads(grad_x, grad_w, grad_b, x_saved, weight_saved)
+
+
+def _cast_grads(grad_x, grad_w, grad_b, x: Tensor, weight: Tensor):
+    """Gradients in the dtypes of the tensors they belong to, one per input of ``apply``."""
+    return (
+        None if grad_x is None else grad_x.to(x.dtype),
+        None if grad_w is None else grad_w.to(weight.dtype),
+        grad_b,
+        None,
+        None,
+    )
+
+
+def _compute_dtype(x: Tensor, weight: Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(dtype the FFT runs in, dtype of the result), matching what torch's conv returns for these inputs."""
+    device_type = x.device.type
+    try:
+        autocast_on = torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        autocast_on = False
+    if autocast_on:
+        # Autocast runs convolutions in its lower precision dtype on CPU and CUDA; return that, so that "auto" can
+        # switch backends without changing dtypes downstream. Half FFTs need power-of-two sizes and bf16 FFTs do
+        # not exist, so the transform itself runs in float32.
+        return torch.float32, torch.get_autocast_dtype(device_type)
+    if x.dtype != weight.dtype:
+        raise ValueError(f"Input dtype {x.dtype} and weight dtype {weight.dtype} differ (outside autocast).")
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32, x.dtype
+    return x.dtype, x.dtype
+
+
+def _fft_conv(x: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan) -> Tensor:
+    compute, result = _compute_dtype(x, weight)
+    with _autocast_disabled(x.device.type):
+        y = _FFTDepthwiseConv.apply(x, weight, bias, plan, compute)
+    return y.to(result)
+
+
+def _direct_conv(x: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan) -> Tensor:
+    # Cropping is exact (the dropped taps only ever meet padding) and cuts the multiply-adds of all three passes.
+    if plan.cropped:
+        weight = weight[(slice(None), slice(None)) + _crop_slices(plan)]
+    conv = F.conv2d if len(plan.spatial) == 2 else F.conv3d
+    return conv(x, weight, bias, stride=1, padding=plan.radii, groups=x.shape[1])
+
+
+# ---- public API ----------------------------------------------------------------------------------------------------
+def estimate_seconds(
+    input_shape: Sequence[int],
+    kernel_size: int | Sequence[int],
+    device_type: str | torch.device = "cpu",
+    requires_grad: bool = True,
+) -> dict[str, float]:
+    """Modelled run time of both backends (a cost model, not a measurement; see the module constants).
+
+    direct = a * N*C*prod(D)*prod(k_eff) and fft = b * N*C*prod(n)*log2(prod(n)), with k_eff the cropped kernel,
+    n the FFT sizes, and a, b per device type (``cuda``, anything else uses the CPU constants) and per pass set
+    (forward only, or forward + grad input + grad weight).
+
+    Args:
+        input_shape: [N, C, *spatial], 2 or 3 spatial axes.
+        kernel_size: odd size per spatial axis, or one int for all.
+        device_type: ``"cpu"``, ``"cuda"`` (or a ``torch.device``).
+        requires_grad: whether a backward pass follows (training) or the forward runs alone (inference).
+
+    Returns:
+        ``{"direct": seconds, "fft": seconds}``.
+    """
+    batch, channels, *spatial = (int(s) for s in input_shape)
+    plan = _plan(tuple(spatial), _as_kernel_size(kernel_size, len(spatial)))
+    key = ("cuda" if torch.device(device_type).type == "cuda" else "cpu", bool(requires_grad))
+    macs = batch * channels * math.prod(spatial) * math.prod(2 * r + 1 for r in plan.radii)
+    points = math.prod(plan.fft_shape())
+    fft_units = batch * channels * points * max(math.log2(points), 1.0)
+    return {
+        "direct": _DIRECT_SECONDS_PER_MAC[key] * macs + _DIRECT_OVERHEAD_SECONDS[key],
+        "fft": _FFT_SECONDS_PER_UNIT[key] * fft_units + _FFT_OVERHEAD_SECONDS[key],
+    }
+
+
+def choose_backend(
+    input_shape: Sequence[int],
+    kernel_size: int | Sequence[int],
+    device_type: str | torch.device = "cpu",
+    requires_grad: bool = True,
+) -> str:
+    """Picks ``"direct"`` or ``"fft"`` for a depthwise conv from the cost model of ``estimate_seconds``.
+
+    FFT is chosen only when modelled ``_FFT_MARGIN`` (2x) faster, so the per-call overheads keep tiny tensors on
+    torch's conv; cropped kernels of at most 27 taps (3^3, 1x3x3, 1^3) always stay there.
+
+    Args:
+        input_shape: [N, C, *spatial], 2 or 3 spatial axes.
+        kernel_size: odd size per spatial axis, or one int for all.
+        device_type: ``"cpu"``, ``"cuda"`` (or a ``torch.device``).
+        requires_grad: whether a backward pass follows (training); inference weighs the forward only.
+
+    Returns:
+        ``"direct"`` or ``"fft"``.
+    """
+    batch, channels, *spatial = (int(s) for s in input_shape)
+    plan = _plan(tuple(spatial), _as_kernel_size(kernel_size, len(spatial)))
+    taps = math.prod(2 * r + 1 for r in plan.radii)
+    if taps <= _SMALL_KERNEL_TAPS:
+        return "direct"
+    cost = estimate_seconds(input_shape, plan.kernel, device_type, requires_grad)
+    return "fft" if cost["fft"] * _FFT_MARGIN < cost["direct"] else "direct"
+
+
+def fft_workspace_voxels(spatial_shape: Sequence[int], kernel_size: int | Sequence[int]) -> int:
+    """Float32 elements per (sample, channel) that the FFT backend holds at its peak beyond its input and output.
+
+    The FFT path saves only x and the weight for backward (as torch's conv does), so this is transient memory. It
+    counts the backward's peak, during the grad-input inverse: the grad-output spectrum, the recomputed kernel
+    spectrum (per channel; counted per sample: exact at batch 1, an overestimate beyond), the copy a c2r transform
+    makes of its input, the padded real result prod(n), plus one more spectrum as an allowance for FFT-library work
+    areas (cuFFT plans). A spectrum holds prod(m) complex values (2 floats each): m = n along the transformed axes
+    but the last, n // 2 + 1 on the last, and D along untransformed axes (radius 0). The forward's peak is smaller.
+    Zero when no axis is transformed (a 1-tap kernel after cropping).
+
+    Args:
+        spatial_shape: the input's spatial shape, 2 or 3 axes.
+        kernel_size: odd size per spatial axis, or one int for all.
+
+    Returns:
+        Number of float32 elements; multiply by N*C for a whole layer, by 4 for bytes.
+    """
+    spatial = tuple(int(s) for s in spatial_shape)
+    plan = _plan(spatial, _as_kernel_size(kernel_size, len(spatial)))
+    if not plan.dims:
+        return 0
+    padded = math.prod(plan.fft_sizes)
+    last = plan.dims[-1]
+    spectrum_complex = padded // plan.fft_sizes[last] * (plan.fft_sizes[last] // 2 + 1)
+    return 4 * 2 * spectrum_complex + padded
+
+
+def depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, backend: str = "auto") -> Tensor:
+    """Depthwise "same" convolution, stride 1: ``F.conv2d/conv3d(x, weight, bias, padding=k // 2, groups=C)``.
+
+    Args:
+        x: [N, C, *spatial], 2 or 3 spatial axes.
+        weight: [C, 1, *k], every k odd (anisotropic allowed, e.g. (1, 21, 21)); may be larger than the input.
+        bias: [C] or None.
+        backend: ``"direct"`` (torch's conv), ``"fft"`` (real FFTs for forward and both gradients) or ``"auto"``
+            (``choose_backend`` for this shape, device and whether gradients are needed).
+
+    Returns:
+        [N, C, *spatial]. Under autocast the dtype torch's conv would give (the autocast dtype; the FFT itself runs
+        in float32), otherwise the input's dtype (float16/bfloat16 inputs are transformed in float32).
+
+    Raises:
+        ValueError: unknown backend, input not 4-D/5-D, weight or bias shape not matching the channels, even kernel,
+            input and weight dtypes differing outside autocast (FFT backend).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown backend {backend!r}; allowed values are {', '.join(map(repr, BACKENDS))}.")
+    if x.ndim not in (4, 5):
+        raise ValueError(f"Expected an input [N, C, *spatial] with 2 or 3 spatial axes, got shape {tuple(x.shape)}.")
+    channels, spatial = x.shape[1], tuple(x.shape[2:])
+    if weight.ndim != x.ndim or weight.shape[0] != channels or weight.shape[1] != 1:
+        raise ValueError(
+            f"Depthwise weight must have shape [C, 1, *k] = [{channels}, 1, {', '.join('k' * len(spatial))}] "
+            f"for an input with {channels} channels and {len(spatial)} spatial axes; got {tuple(weight.shape)}."
+        )
+    if bias is not None and tuple(bias.shape) != (channels,):
+        raise ValueError(f"Bias must have shape [{channels}], got {tuple(bias.shape)}.")
+    plan = _plan(spatial, _as_kernel_size(tuple(weight.shape[2:]), len(spatial)))
+    if backend == "auto":
+        requires_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias)
+        )
+        backend = choose_backend(x.shape, plan.kernel, x.device.type, requires_grad)
+    if backend == "fft":
+        return _fft_conv(x, weight, bias, plan)
+    return _direct_conv(x, weight, bias, plan)
