@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -101,6 +100,14 @@ def make_step(name: str, network, plan, device, batch, amp: bool, compile_networ
     return step
 
 
+def peak_resident_mib() -> float:
+    """This process's peak resident memory. VmHWM, not getrusage's ru_maxrss: the latter survives exec and would
+    report the (larger) parent's peak for a child started from this benchmark."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
 def child_peak_rss_mb(args, name: str) -> float:
     """Peak resident memory of a fresh process running the variant's iterations (CPU memory measure)."""
     command = [sys.executable, __file__, "--child", name, "--patch", str(args.patch), "--batch", str(args.batch),
@@ -129,7 +136,7 @@ def main(argv=None):
         step = make_step(args.child, build(args.child, plan).to(device), plan, device, args.batch, False, False)
         for _ in range(args.warmup + args.repeats):
             step()
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # peak RSS in MiB (Linux: KiB units)
+        print(peak_resident_mib())
         return
 
     modes = [(False, False)] + ([(True, False)] if args.amp else []) + ([(args.amp, True)] if args.compile else [])
