@@ -18,6 +18,7 @@ from .modulation import check_generator, check_kernel_size, check_modulation_mod
 REP3D_NETWORK_CLASS = "rep3d_nnunet.architecture.Rep3DUNet"
 BLOCK_TYPES = ("rep3d", "uxnet")
 CONV_BACKENDS = ("auto", "direct", "fft")
+TOPOLOGIES = ("plan", "paper")
 # nnU-Net architectures whose arch_kwargs carry a U-Net topology we can reuse.
 _TOPOLOGY_SOURCES = ("PlainConvUNet", "ResidualEncoderUNet", "Rep3DUNet")
 _TOPOLOGY_KEYS = (
@@ -40,6 +41,8 @@ class Rep3DSettings:
         small_kernel, csla_scales: CSLA small branch size and branch scales (aL, aS).
         spacing_aware_prior: measure the prior's distances in physical units of each stage's voxel spacing.
         conv_backend: ``auto``, ``direct`` or ``fft`` for the large depthwise convolutions.
+        topology: ``plan`` (stages, features and strides from the nnU-Net plan) or ``paper`` (the paper's encoder,
+            Table 5 / appendix A.4, see ``paper_topology``; needs a 3D patch divisible by 32).
     """
 
     block: str = "rep3d"
@@ -52,6 +55,7 @@ class Rep3DSettings:
     csla_scales: tuple[float, float] = (1.0, 1.0)
     spacing_aware_prior: bool = False
     conv_backend: str = "auto"
+    topology: str = "plan"
 
     def __post_init__(self):
         if self.block not in BLOCK_TYPES:
@@ -64,6 +68,8 @@ class Rep3DSettings:
             raise ValueError(f"blocks_per_stage must be at least 1, got {self.blocks_per_stage}.")
         if self.conv_backend not in CONV_BACKENDS:
             raise ValueError(f"Unknown conv backend {self.conv_backend!r}; allowed values are {', '.join(CONV_BACKENDS)}.")
+        if self.topology not in TOPOLOGIES:
+            raise ValueError(f"Unknown topology {self.topology!r}; allowed values are {', '.join(TOPOLOGIES)}.")
 
     def replace(self, **changes) -> "Rep3DSettings":
         return dataclasses.replace(self, **changes)
@@ -103,6 +109,38 @@ def stage_kernel_sizes(patch_size: Sequence[int], strides: Sequence[Sequence[int
     return kernels
 
 
+# The paper's encoder (Table 5, appendix A.4) as an nnU-Net topology. nnU-Net's decoder needs a full-resolution
+# first stage, so the paper's 7^3 stride-2 stem becomes stage 1's strided conv after a plain full-resolution stage
+# (the UX-Net/SwinUNETR "encoder1" block the paper's decoder takes its last skip from); the 768-channel hidden stage
+# is the bottleneck. Four stages of two Rep3D blocks at 48/96/192/384 channels, as in the paper.
+PAPER_FEATURES = (48, 48, 96, 192, 384, 768)
+PAPER_BLOCKS_PER_STAGE = (0, 2, 2, 2, 2, 0)
+PAPER_CONVS_PER_STAGE = (2, 1, 1, 1, 1, 2)  # two-conv blocks at full resolution and in the bottleneck, as the paper
+PAPER_STEM_KERNEL = 7
+
+
+def paper_topology(patch_size: Sequence[int]) -> dict:
+    """arch_kwargs entries of the paper's encoder for a 3D patch (stride 2 five times: every axis divisible by 32).
+
+    Raises:
+        ValueError: the patch is not 3D or not divisible by 32 on every axis.
+    """
+    total_stride = 2 ** (len(PAPER_FEATURES) - 1)
+    if len(patch_size) != 3 or any(p % total_stride for p in patch_size):
+        raise ValueError(
+            f"The paper's network needs a 3D patch divisible by {total_stride} on every axis (the paper uses 96^3); "
+            f"got {list(patch_size)}. Fix: plan with the paper preset (rep3d-nnunet plan -d ID --preset NAME), "
+            f"which writes 96^3 patches, or use a plan-topology trainer such as nnUNetTrainerRep3D."
+        )
+    n = len(PAPER_FEATURES)
+    kernels = [[3, 3, 3], [PAPER_STEM_KERNEL] * 3] + [[3, 3, 3]] * (n - 2)
+    return {
+        "n_stages": n, "features_per_stage": list(PAPER_FEATURES), "kernel_sizes": kernels,
+        "strides": [[1, 1, 1]] + [[2, 2, 2]] * (n - 1), "n_conv_per_stage_decoder": [2] * (n - 1),
+        "n_conv_per_stage": list(PAPER_CONVS_PER_STAGE), "n_blocks_per_stage": list(PAPER_BLOCKS_PER_STAGE),
+    }
+
+
 def _class_name(dotted: str) -> str:
     return dotted.rsplit(".", 1)[-1]
 
@@ -130,11 +168,14 @@ def rep3d_architecture(network_class_name: str, arch_kwargs: dict, patch_size: S
     if missing:
         raise ValueError(f"The plan's arch_kwargs lack {missing}; re-run nnUNetv2_plan_and_preprocess.")
     kwargs = {k: arch_kwargs[k] for k in _TOPOLOGY_KEYS if k in arch_kwargs}
+    if settings.topology == "paper":
+        kwargs.update(paper_topology(patch_size))
+    else:
+        kwargs["n_blocks_per_stage"] = settings.blocks_per_stage
     n_stages = kwargs["n_stages"]
     kwargs.setdefault("n_conv_per_stage_decoder", [2] * (n_stages - 1))
     strides = [list(s) for s in kwargs["strides"]]
     kwargs["large_kernel_sizes"] = stage_kernel_sizes(patch_size, strides, kwargs["kernel_sizes"], settings.kernel_size)
-    kwargs["n_blocks_per_stage"] = settings.blocks_per_stage
     kwargs["block"] = settings.block
     kwargs["modulation"] = settings.modulation
     kwargs["generator_depth"] = settings.generator_depth

@@ -8,6 +8,7 @@ calls nnU-Net's planning and preprocessing API with this class. The plans file i
 
 from __future__ import annotations
 
+import json
 from typing import Sequence
 
 import numpy as np
@@ -17,6 +18,7 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from .config import REP3D_NETWORK_CLASS, Rep3DSettings, rep3d_architecture
 
 DEFAULT_PLANS_IDENTIFIER = "Rep3DPlans"
+PAPER_PLANS_IDENTIFIER = "Rep3DPaperPlans"
 
 
 class Rep3DPlanner(ExperimentPlanner):
@@ -59,10 +61,19 @@ class Rep3DPlanner(ExperimentPlanner):
                                    arch_kwargs_req_import):
         # nnU-Net's is a staticmethod called through self; ours needs the Rep3D settings, so it is a plain method.
         kwargs, req_import = rep3d_architecture(arch_class_name, arch_kwargs, patch_size,
-                                                self._spacing_for_estimate or [1.0] * len(patch_size), self.settings)
+                                                self._spacing_for_estimate or [1.0] * len(patch_size),
+                                                self.settings.replace(topology="plan"))
         network = get_network_from_plans(REP3D_NETWORK_CLASS, kwargs, req_import, input_channels, output_channels,
                                          allow_init=False)
         return network.compute_conv_feature_map_size(patch_size)
+
+    def settings_for(self, dim: int) -> Rep3DSettings:
+        """The Rep3D settings a ``dim``-D configuration is planned with."""
+        return self.settings
+
+    def adjust_plan(self, plan: dict) -> dict:
+        """Hook for presets that fix what nnU-Net would choose (patch, batch); called before the architecture."""
+        return plan
 
     def get_plans_for_configuration(self, spacing, median_shape, data_identifier, approximate_n_voxels_dataset,
                                     _cache):
@@ -70,14 +81,61 @@ class Rep3DPlanner(ExperimentPlanner):
         # The cache is keyed on patch and strides only; keep Rep3D estimates apart from any other planner's.
         plan = super().get_plans_for_configuration(spacing, median_shape, data_identifier,
                                                    approximate_n_voxels_dataset, _cache.setdefault("rep3d", {}))
+        plan = self.adjust_plan(plan)
         architecture = plan["architecture"]
         kwargs, req_import = rep3d_architecture(architecture["network_class_name"], architecture["arch_kwargs"],
-                                                plan["patch_size"], spacing, self.settings)
+                                                plan["patch_size"], spacing, self.settings_for(len(spacing)))
         plan["architecture"] = {
             "network_class_name": REP3D_NETWORK_CLASS,
             "arch_kwargs": _jsonable(kwargs),
             "_kw_requires_import": tuple(req_import),
         }
+        return plan
+
+
+class PaperPresetPlanner(Rep3DPlanner):
+    """The paper's preprocessing and network (``preprocessing.PAPER_PRESETS``) as nnU-Net plans.
+
+    Target spacing, intensity window with percentile min-max normalization (``Rep3DPaperPreprocessor``), 96^3 patches
+    at batch 2 and the paper's encoder (``Rep3DSettings(topology="paper")``) in 3d_fullres. No 3d_lowres; the 2d
+    configuration nnU-Net always plans keeps a plan-topology Rep3D network (the paper has no 2D model). Preprocessed
+    data gets its own identifier: the normalization differs from nnU-Net's.
+
+    Args:
+        dataset_name_or_id: the dataset.
+        preset: a key of ``PAPER_PRESETS`` (amos_ct, amos_mri, kits21, msd_pancreas, msd_hepatic_vessel).
+        plans_name: identifier of the written plans.
+        settings: Rep3D settings of the estimate and the written architecture (default: the paper's network).
+    """
+
+    def __init__(self, dataset_name_or_id: str | int, preset: str, plans_name: str = PAPER_PLANS_IDENTIFIER,
+                 settings: Rep3DSettings = Rep3DSettings(topology="paper"), gpu_memory_target_in_gb: float = 40):
+        from .preprocessing import PAPER_PREPROCESSOR, paper_preset
+
+        self.preset = paper_preset(preset)
+        super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, PAPER_PREPROCESSOR, plans_name,
+                         self.preset.spacing_zyx, settings=settings)
+        self.lowres_creation_threshold = 0.0  # the paper trains at full resolution only
+
+    def generate_data_identifier(self, configuration_name: str) -> str:
+        return self.plans_identifier + "_" + configuration_name
+
+    def settings_for(self, dim: int) -> Rep3DSettings:
+        return self.settings if dim == 3 else self.settings.replace(topology="plan")
+
+    def determine_normalization_scheme_and_whether_mask_is_used_for_norm(self):
+        from .preprocessing import PAPER_NORMALIZATION
+
+        channels = len(self.dataset_json["channel_names"])
+        return [PAPER_NORMALIZATION] * channels, [False] * channels
+
+    def adjust_plan(self, plan: dict) -> dict:
+        from .preprocessing import WINDOW_KEY
+
+        plan[WINDOW_KEY] = list(self.preset.window)
+        if len(plan["patch_size"]) == 3:
+            plan["patch_size"] = list(self.preset.patch_size)
+            plan["batch_size"] = self.preset.batch_size
         return plan
 
 
@@ -91,11 +149,15 @@ def _jsonable(value):
     return value
 
 
-def plan_and_preprocess(dataset_id: int, gpu_memory_gb: float = 8.0, plans_name: str = DEFAULT_PLANS_IDENTIFIER,
-                        configurations: Sequence[str] = ("2d", "3d_fullres"), base_features: int = 32,
+def plan_and_preprocess(dataset_id: int, gpu_memory_gb: float = 8.0, plans_name: str | None = None,
+                        configurations: Sequence[str] | None = None, base_features: int = 32,
                         max_features: int | None = None, num_processes: int = 2, preprocess: bool = True,
-                        settings: Rep3DSettings = Rep3DSettings()) -> str:
+                        settings: Rep3DSettings = Rep3DSettings(), preset: str | None = None) -> str:
     """Fingerprint (if missing), Rep3D plans, and preprocessing of the configurations whose data is missing.
+
+    Args:
+        preset: a paper preset (``preprocessing.PAPER_PRESETS``): the paper's spacing, normalization, patch, batch and
+            network instead of nnU-Net's choices and the memory-aware Rep3D plan; only 3d_fullres by default.
 
     Returns:
         The plans identifier to pass as ``nnUNetv2_train ... -p``.
@@ -106,16 +168,27 @@ def plan_and_preprocess(dataset_id: int, gpu_memory_gb: float = 8.0, plans_name:
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
+    from .preprocessing import Rep3DPaperPreprocessor, paper_preset
+
     if gpu_memory_gb <= 0:
         raise ValueError(f"--gpu-memory-gb must be positive, got {gpu_memory_gb}.")
+    if preset is not None:
+        paper_preset(preset)  # an unknown name fails before any work
     if not nnUNet_preprocessed:
         raise ValueError("nnUNet_preprocessed is not set; run 'rep3d-nnunet doctor' to see what is missing.")
     dataset_name = maybe_convert_to_dataset_name(dataset_id)
     preprocessed = Path(nnUNet_preprocessed) / dataset_name
     if not (preprocessed / "dataset_fingerprint.json").is_file():
         extract_fingerprints([dataset_id], num_processes=num_processes, check_dataset_integrity=True)
-    planner = Rep3DPlanner(dataset_id, gpu_memory_gb, plans_name=plans_name, settings=settings,
-                           base_num_features=base_features, max_num_features=max_features)
+    if preset is None:
+        plans_name = plans_name or DEFAULT_PLANS_IDENTIFIER
+        configurations = configurations or ("2d", "3d_fullres")
+        planner = Rep3DPlanner(dataset_id, gpu_memory_gb, plans_name=plans_name, settings=settings,
+                               base_num_features=base_features, max_num_features=max_features)
+    else:
+        plans_name = plans_name or PAPER_PLANS_IDENTIFIER
+        configurations = configurations or ("3d_fullres",)
+        planner = PaperPresetPlanner(dataset_id, preset, plans_name)
     plans = planner.plan_experiment()
     if preprocess:
         for configuration in configurations:
@@ -123,6 +196,31 @@ def plan_and_preprocess(dataset_id: int, gpu_memory_gb: float = 8.0, plans_name:
                 print(f"Configuration {configuration} is not planned for this dataset; skipping it.")
                 continue
             data_identifier = plans["configurations"][configuration].get("data_identifier")
-            if data_identifier is None or not (preprocessed / data_identifier).is_dir():
+            if data_identifier is not None and (preprocessed / data_identifier).is_dir():
+                continue
+            if preset is None:
                 preprocess_dataset(dataset_id, plans_name, [configuration], [num_processes])
+            else:
+                # nnU-Net's preprocess_dataset looks the preprocessor up inside its own package only
+                Rep3DPaperPreprocessor(verbose=False).run(dataset_id, configuration, plans_name, num_processes)
+                copy_ground_truth(dataset_id)
     return plans_name
+
+
+def copy_ground_truth(dataset_id: int) -> None:
+    """Copies the training labels to ``gt_segmentations``, as nnU-Net's preprocess_dataset does (its final
+    validation evaluates against them)."""
+    import shutil
+    from pathlib import Path
+
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    dataset_name = maybe_convert_to_dataset_name(dataset_id)
+    raw = Path(nnUNet_raw) / dataset_name
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    target = Path(nnUNet_preprocessed) / dataset_name / "gt_segmentations"
+    target.mkdir(parents=True, exist_ok=True)
+    for identifier, files in get_filenames_of_train_images_and_targets(str(raw), dataset_json).items():
+        shutil.copyfile(files["label"], target / (identifier + dataset_json["file_ending"]))

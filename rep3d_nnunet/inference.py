@@ -1,0 +1,67 @@
+"""``rep3d-nnunet predict``: nnU-Net's predictor for model folders whose plans use this package's preprocessing.
+
+For plans written by nnU-Net or by ``rep3d-nnunet plan`` without a preset, ``nnUNetv2_predict`` and
+``nnUNetv2_predict_from_modelfolder`` work as they are. Plans of a paper preset name ``Rep3DPaperPreprocessor``, which
+nnU-Net cannot look up (it searches its own package only); this command is nnU-Net's predictor with the configuration
+manager swapped for one that also knows our preprocessors, and otherwise nnU-Net's defaults (Gaussian sliding window,
+step 0.5, mirroring).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def predict_from_model_folder(input_folder: str | Path, output_folder: str | Path, model_folder: str | Path,
+                              folds: tuple = (0, 1, 2, 3, 4), checkpoint: str = "checkpoint_final.pth",
+                              device: str = "cuda", save_probabilities: bool = False, use_mirroring: bool = True,
+                              num_processes_preprocessing: int = 2, num_processes_export: int = 2) -> None:
+    """Predicts every case of ``input_folder`` (nnU-Net raw naming, ``CASE_0000.nii.gz``) with a trained or exported
+    model folder, writing nnU-Net's outputs to ``output_folder``.
+
+    Raises:
+        FileNotFoundError: the model folder or a requested fold's checkpoint is missing, or the input folder is.
+    """
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from .export import check_model_folder
+    from .preprocessing import Rep3DConfigurationManager
+
+    model_folder, input_folder = Path(model_folder), Path(input_folder)
+    checkpoints = check_model_folder(model_folder)
+    missing = [f for f in folds if not (model_folder / f"fold_{f}" / checkpoint).is_file()]
+    if missing:
+        available = sorted({p.parent.name for p in checkpoints})
+        raise FileNotFoundError(f"{model_folder} has no {checkpoint} for fold(s) {missing}; folds with checkpoints: "
+                                f"{', '.join(available)}. Pass -f with those folds or train the missing ones.")
+    if not input_folder.is_dir():
+        raise FileNotFoundError(f"Input folder {input_folder} does not exist.")
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring,
+                                perform_everything_on_device=True, device=torch.device(device), verbose=False,
+                                allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model_folder), tuple(folds), checkpoint)
+    predictor.configuration_manager = Rep3DConfigurationManager(predictor.configuration_manager.configuration)
+    predictor.predict_from_files(str(input_folder), str(output_folder), save_probabilities=save_probabilities,
+                                 overwrite=True, num_processes_preprocessing=num_processes_preprocessing,
+                                 num_processes_segmentation_export=num_processes_export)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-i", "--input", required=True, help="folder of images in nnU-Net raw naming")
+    parser.add_argument("-o", "--output", required=True, help="folder for the segmentations")
+    parser.add_argument("-m", "--model-folder", required=True, help="trained or exported nnU-Net model folder")
+    parser.add_argument("-f", "--folds", nargs="+", default=["0", "1", "2", "3", "4"], help="folds to ensemble")
+    parser.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
+    parser.add_argument("-device", "--device", default="cuda", choices=["cuda", "cpu", "mps"])
+    parser.add_argument("--save_probabilities", action="store_true")
+    parser.add_argument("--disable_tta", action="store_true", help="no mirroring at test time")
+    parser.add_argument("-npp", type=int, default=2, help="preprocessing processes")
+    parser.add_argument("-nps", type=int, default=2, help="segmentation export processes")
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    folds = tuple(f if f == "all" else int(f) for f in args.folds)
+    predict_from_model_folder(args.input, args.output, args.model_folder, folds, args.checkpoint, args.device,
+                              args.save_probabilities, not args.disable_tta, args.npp, args.nps)
