@@ -35,7 +35,8 @@ def _cmd_plan(args) -> int:
     from .planning import plan_and_preprocess
 
     plan_and_preprocess(args.dataset_id, args.gpu_memory_gb, args.plans_name, args.configurations,
-                        args.base_features, args.max_features, args.num_processes, not args.no_preprocess)
+                        args.base_features, args.max_features, args.num_processes, not args.no_preprocess,
+                        preset=args.preset)
     return 0
 
 
@@ -68,12 +69,53 @@ def _cmd_synthetic(args) -> int:
     return 0
 
 
+def _cmd_convert(args) -> int:
+    from .datasets.converters import run_from_args
+
+    print(run_from_args(args))
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from .inference import run_from_args
+
+    run_from_args(args)
+    return 0
+
+
+def _cmd_table(args) -> int:
+    from .results_table import run_from_args
+
+    print(run_from_args(args))
+    return 0
+
+
+def _cmd_masks(args) -> int:
+    from .inspection import run_masks
+
+    run_masks(args)
+    return 0
+
+
+def _cmd_erf(args) -> int:
+    from .inspection import run_erf
+
+    run_erf(args)
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import DemoSettings, run_demo
 
     run_demo(DemoSettings(workdir=Path(args.workdir), dataset_id=args.dataset_id, trainer=args.trainer,
                           device=args.device))
     return 0
+
+
+def _paper_presets() -> list[str]:
+    from .preprocessing import PAPER_PRESETS
+
+    return list(PAPER_PRESETS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,8 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
                                             "and preprocessing; writes plans usable as -p Rep3DPlans")
     plan.add_argument("-d", "--dataset-id", type=int, required=True)
     plan.add_argument("--gpu-memory-gb", type=float, default=8.0, help="GPU memory target (default 8, like nnU-Net)")
-    plan.add_argument("--plans-name", default="Rep3DPlans")
-    plan.add_argument("-c", "--configurations", nargs="+", default=["2d", "3d_fullres"])
+    plan.add_argument("--plans-name", default=None, help="default: Rep3DPlans, or Rep3DPaperPlans with --preset")
+    plan.add_argument("-c", "--configurations", nargs="+", default=None,
+                      help="default: 2d 3d_fullres, or 3d_fullres with --preset")
+    plan.add_argument("--preset", default=None, choices=_paper_presets(),
+                      help="the paper's preprocessing for this benchmark: spacing, intensity window and percentile "
+                           "min-max normalization, 96^3 patches, batch 2, the paper's network (appendix A.2)")
     plan.add_argument("--base-features", type=int, default=32, help="features of the first stage (nnU-Net: 32)")
     plan.add_argument("--max-features", type=int, default=None, help="cap on features per stage")
     plan.add_argument("-np", "--num-processes", type=int, default=2)
@@ -109,6 +155,36 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic = commands.add_parser("synthetic", help="write a synthetic nnU-Net raw dataset")
     add_arguments(synthetic)
     synthetic.set_defaults(run=_cmd_synthetic)
+
+    from .datasets.converters import add_arguments as add_convert_arguments
+
+    convert = commands.add_parser("convert", help="convert a paper benchmark (AMOS22 CT/MRI, KiTS21, MSD Pancreas, "
+                                                  "MSD Hepatic Vessel) into nnU-Net's raw format with the paper's split")
+    add_convert_arguments(convert)
+    convert.set_defaults(run=_cmd_convert)
+
+    from .inference import add_arguments as add_predict_arguments
+
+    predict = commands.add_parser("predict", help="nnU-Net's predictor for model folders planned with --preset "
+                                                  "(other model folders work with nnUNetv2_predict too)")
+    add_predict_arguments(predict)
+    predict.set_defaults(run=_cmd_predict)
+
+    from .results_table import add_arguments as add_table_arguments
+
+    table = commands.add_parser("table", help="the paper's table layout from nnU-Net's cross-validation summaries, "
+                                              "with the paper's published numbers beside them")
+    add_table_arguments(table)
+    table.set_defaults(run=_cmd_table)
+
+    from .inspection import add_erf_arguments, add_masks_arguments
+
+    masks = commands.add_parser("masks", help="PNGs of the modulation masks M (and the prior P) of a model folder")
+    add_masks_arguments(masks)
+    masks.set_defaults(run=_cmd_masks)
+    erf = commands.add_parser("erf", help="effective receptive field of a model folder, trained vs initialisation")
+    add_erf_arguments(erf)
+    erf.set_defaults(run=_cmd_erf)
 
     demo = commands.add_parser("demo", help="end to end on a synthetic dataset: convert, plan, train, export, "
                                             "predict, evaluate")
