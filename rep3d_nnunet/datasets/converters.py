@@ -65,8 +65,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from . import amos, kits, msd
-from .layout import FILE_ENDING, SourceDataset, copy_cases
-from .synthetic import _check_int, _check_target, _move_into_place
+from .layout import FILE_ENDING, SourceDataset, check_int, check_target, copy_cases, move_into_place
 
 DEFAULT_SEED = 0
 SPLITS_FILE = "splits_final.json"
@@ -290,10 +289,10 @@ def convert_dataset(name: str, source: str | Path, raw_root: str | Path, dataset
     """
     converter = get_converter(name)
     dataset_id = converter.default_id if dataset_id is None else dataset_id
-    _check_int("dataset_id", dataset_id, 0, 999)  # nnU-Net names datasets with three digits
-    _check_int("seed", seed, 0)  # numpy's SeedSequence takes non-negative integers only
+    check_int("dataset_id", dataset_id, 0, 999)  # nnU-Net names datasets with three digits
+    check_int("seed", seed, 0)  # numpy's SeedSequence takes non-negative integers only
     if num_processes is not None:
-        _check_int("num_processes", num_processes, 1)
+        check_int("num_processes", num_processes, 1)
     options = {"include_validation": True} if include_validation else {}
     unsupported = sorted(set(options) - set(converter.options))
     if unsupported:
@@ -303,7 +302,7 @@ def convert_dataset(name: str, source: str | Path, raw_root: str | Path, dataset
     split = converter.protocol.split([case.identifier for case in data.cases], seed)
     raw_root = Path(raw_root).expanduser()
     target = raw_root / f"Dataset{dataset_id:03d}_{converter.dataset_name}"
-    _check_target(raw_root, target, dataset_id, overwrite)
+    check_target(raw_root, target, dataset_id, overwrite)
     splits_target = _check_preprocessed(preprocessed_root, target.name, dataset_id, split, overwrite)
     if num_processes is None:
         from nnunetv2.configuration import default_num_processes
@@ -320,7 +319,7 @@ def convert_dataset(name: str, source: str | Path, raw_root: str | Path, dataset
         relabelled = converter.write(data, assignment, folder, work, num_processes)
         _write_dataset_json(folder, converter, data, split, seed, relabelled)
         _write_json(folder / SPLITS_FILE, split.splits_final())
-        _move_into_place(folder, target)
+        move_into_place(folder, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if splits_target is not None:
@@ -332,7 +331,7 @@ def convert_dataset(name: str, source: str | Path, raw_root: str | Path, dataset
 
 def dataset_split(name: str, identifiers: Sequence[str], seed: int = DEFAULT_SEED) -> DatasetSplit:
     """The split ``convert_dataset`` would write for these case identifiers, without touching any file."""
-    _check_int("seed", seed, 0)
+    check_int("seed", seed, 0)
     return get_converter(name).protocol.split(identifiers, seed)
 
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
 
 FILE_ENDING = ".nii.gz"
 
@@ -161,3 +164,41 @@ def copy_cases(cases: Sequence[LabelledCase], assignment: Mapping[str, str], fol
         if write_label(case.label, labels / f"{case.identifier}{FILE_ENDING}"):
             changed.append(case.identifier)
     return sorted(changed)
+
+
+def check_int(name: str, value, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+
+
+def check_target(raw_root: Path, target: Path, dataset_id: int, overwrite: bool) -> None:
+    """Refuses to clobber a dataset unless asked, and never touches another dataset holding the same id."""
+    if raw_root.exists() and not raw_root.is_dir():
+        raise ValueError(f"raw_root {raw_root} exists and is not a folder")
+    if raw_root.is_dir():
+        # nnU-Net resolves ids by prefix; two folders with one id make every later nnU-Net command fail
+        clashes = sorted(p.name for p in raw_root.glob(f"Dataset{dataset_id:03d}_*") if p.name != target.name)
+        if clashes:
+            raise FileExistsError(f"dataset id {dataset_id} is already used by {clashes[0]} in {raw_root}; "
+                                  f"pick another id")
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it or pick "
+                              f"another dataset id")
+
+
+def move_into_place(staging: Path, target: Path) -> None:
+    """Renames the finished staging folder to ``target``, replacing an old dataset only once the new one exists."""
+    if not target.exists():
+        staging.rename(target)
+        return
+    retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    target.rename(retired)
+    try:
+        staging.rename(target)
+    except BaseException:
+        retired.rename(target)  # put the old dataset back rather than leave none
+        raise
+    shutil.rmtree(retired, ignore_errors=True)

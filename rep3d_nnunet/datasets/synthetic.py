@@ -54,6 +54,8 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from .layout import check_int, check_target, move_into_place
+
 TASKS = ("local", "long_range")
 DEFAULT_NAMES = {"local": "Rep3DSynthLocal", "long_range": "Rep3DSynthLongRange"}
 LABELS = {
@@ -113,7 +115,7 @@ def generate_synthetic_dataset(raw_root: str | Path, dataset_id: int, task: str 
     name = DEFAULT_NAMES[task] if dataset_name is None else _validate_name(dataset_name)
     raw_root = Path(raw_root).expanduser()
     target = raw_root / f"Dataset{dataset_id:03d}_{name}"
-    _check_target(raw_root, target, dataset_id, overwrite)
+    check_target(raw_root, target, dataset_id, overwrite)
 
     raw_root.mkdir(parents=True, exist_ok=True)
     staging = raw_root / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -125,7 +127,7 @@ def generate_synthetic_dataset(raw_root: str | Path, dataset_id: int, task: str 
                 image, label = synthesize_case(task, case_rng(seed, split, index), size, spacing, num_channels)
                 _write_case(staging / images, staging / labels, f"{prefix}_{index:03d}", image, label, spacing)
         _write_dataset_json(staging, name, task, num_training, num_test, size, spacing, num_channels, seed)
-        _move_into_place(staging, target)
+        move_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -189,11 +191,11 @@ def _validate(dataset_id, task, num_training, num_test, size, spacing, num_chann
     """Checks every argument up front (nothing is written before) and returns task, size, spacing normalised."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; allowed tasks: {', '.join(TASKS)}")
-    _check_int("dataset_id", dataset_id, 0, 999)  # nnU-Net names datasets with three digits
-    _check_int("num_training", num_training, 1)
-    _check_int("num_test", num_test, 0)
-    _check_int("num_channels", num_channels, 1)
-    _check_int("seed", seed, 0)  # numpy's SeedSequence takes non-negative integers only
+    check_int("dataset_id", dataset_id, 0, 999)  # nnU-Net names datasets with three digits
+    check_int("num_training", num_training, 1)
+    check_int("num_test", num_test, 0)
+    check_int("num_channels", num_channels, 1)
+    check_int("seed", seed, 0)  # numpy's SeedSequence takes non-negative integers only
     size = _triple("size", size)
     if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in size):
         raise ValueError(f"size must be three integers (Z, Y, X), got {size}")
@@ -209,14 +211,6 @@ def _validate(dataset_id, task, num_training, num_test, size, spacing, num_chann
     return task, tuple(int(s) for s in size), spacing
 
 
-def _check_int(name: str, value, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {bounds}, got {value}")
-
-
 def _triple(name: str, value) -> tuple:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 3:
         raise ValueError(f"{name} must have three entries (Z, Y, X), got {value!r}")
@@ -228,21 +222,6 @@ def _validate_name(name: str) -> str:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
         raise ValueError(f"dataset_name must be letters, digits, '_' or '-' (no path separators), got {name!r}")
     return name
-
-
-def _check_target(raw_root: Path, target: Path, dataset_id: int, overwrite: bool) -> None:
-    """Refuses to clobber a dataset unless asked, and never touches another dataset holding the same id."""
-    if raw_root.exists() and not raw_root.is_dir():
-        raise ValueError(f"raw_root {raw_root} exists and is not a folder")
-    if raw_root.is_dir():
-        # nnU-Net resolves ids by prefix; two folders with one id make every later nnU-Net command fail
-        clashes = sorted(p.name for p in raw_root.glob(f"Dataset{dataset_id:03d}_*") if p.name != target.name)
-        if clashes:
-            raise FileExistsError(f"dataset id {dataset_id} is already used by {clashes[0]} in {raw_root}; "
-                                  f"pick another id")
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it or pick "
-                              f"another dataset id")
 
 
 # ------------------------------------------------------------------------------------------------------- scenes
@@ -407,18 +386,3 @@ _DESCRIPTIONS = {
     "long_range": "Identical bright ellipsoids; class 1 if the marker plate half at the far y end of their x-half "
                   "is bright, class 2 if it is dark. The marker is background.",
 }
-
-
-def _move_into_place(staging: Path, target: Path) -> None:
-    """Renames the finished staging folder to ``target``, replacing an old dataset only once the new one exists."""
-    if not target.exists():
-        staging.rename(target)
-        return
-    retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    target.rename(retired)
-    try:
-        staging.rename(target)
-    except BaseException:
-        retired.rename(target)  # put the old dataset back rather than leave none
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
