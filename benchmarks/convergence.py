@@ -13,6 +13,13 @@ nnU-Net is imported, data augmentation runs in-process (no workers: two cores ar
     python benchmarks/convergence.py --output docs/convergence --seeds 0 1 2           # CPU size, ~12 min per seed
     python benchmarks/convergence.py --device cuda --size 96 --epochs 40 --iterations 50 --base-features 32
     python benchmarks/convergence.py --plot-only docs/convergence/convergence.csv
+
+The same probe on a real dataset (the paper's Table 7 at 10k/20k/40k/60k iterations of one 60k run; nnU-Net's paths
+from the environment, plans and trainers by name):
+
+    python benchmarks/convergence.py --dataset 741 --plans Rep3DPaperPlans --device cuda --epochs 240 \
+        --iterations 250 --probe-epochs 40 80 160 240 --trainers nnUNetTrainerRep3DPaper_Vanilla \
+        nnUNetTrainerRep3DPaper_FixedPrior nnUNetTrainerRep3DPaper --output table7
 """
 
 from __future__ import annotations
@@ -72,6 +79,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--only", nargs="+", default=None, help="labels of the contenders to run (default: all)")
     parser.add_argument("--plot-only", default=None, metavar="CSV", help="redraw the plot and table from a CSV")
+    parser.add_argument("--dataset", default=None, help="an existing nnU-Net dataset (name or id) instead of the "
+                                                        "synthetic one; nnU-Net's paths come from the environment")
+    parser.add_argument("--plans", default=None, help=f"plans identifier (default: {PLANS_NAME}, written for the "
+                                                      f"synthetic datasets)")
+    parser.add_argument("--trainers", nargs="+", default=None,
+                        help="trainer names (nnUNetTrainer or Rep3D variants) instead of the default contenders")
+    parser.add_argument("--keep-models", action="store_true", help="keep the trained model folders")
     return parser.parse_args(argv)
 
 
@@ -110,6 +124,12 @@ def prepare_dataset(root: Path, task: str, seed: int, args) -> str:
                         "-c", "3d_fullres", "-np", "2"], env=env, check=True, stdout=subprocess.DEVNULL)
         write_bench_plans(Path(os.environ["nnUNet_preprocessed"]) / folder, args.base_features, args.max_features)
     return folder
+
+
+def existing_dataset(name_or_id: str) -> str:
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    return maybe_convert_to_dataset_name(int(name_or_id) if name_or_id.isdigit() else name_or_id)
 
 
 def write_bench_plans(preprocessed: Path, base_features: int, max_features: int) -> None:
@@ -206,7 +226,7 @@ def run_contender(contender: Contender, folder: str, seed: int, task: str, args)
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
     preprocessed = Path(os.environ["nnUNet_preprocessed"]) / folder
-    plans = load_json(str(preprocessed / f"{PLANS_NAME}.json"))
+    plans = load_json(str(preprocessed / f"{args.plans or PLANS_NAME}.json"))
     plans["continue_training"] = False  # nnUNetTrainer pops this key, which nnU-Net's run_training adds
     dataset_json = load_json(str(preprocessed / "dataset.json"))
     cls = trainer_class(contender, args.epochs, args.iterations, probe_epochs(args))
@@ -216,7 +236,8 @@ def run_contender(contender: Contender, folder: str, seed: int, task: str, args)
     started = time.time()
     trainer.run_training()
     seconds = time.time() - started
-    shutil.rmtree(trainer.output_folder_base, ignore_errors=True)  # checkpoints are not needed, disk is
+    if not args.keep_models:
+        shutil.rmtree(trainer.output_folder_base, ignore_errors=True)  # checkpoints are not needed, disk is
     rows = []
     for record in trainer.probe_records:
         rows.append({"seed": seed, "task": task, "trainer": contender.label, "seconds": round(seconds, 1),
@@ -300,20 +321,25 @@ def main(argv=None) -> int:
         return 0
     output = Path(args.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
-    set_nnunet_paths(output / "nnunet")
+    if args.dataset is None:
+        set_nnunet_paths(output / "nnunet")
     import torch
 
     if args.device == "cpu":
         torch.set_num_threads(min(2, os.cpu_count() or 1))
-    contenders = [c for c in CONTENDERS if args.only is None or c.label in args.only]
+    if args.trainers:
+        contenders = [Contender(name, name) for name in args.trainers]
+    else:
+        contenders = [c for c in CONTENDERS if args.only is None or c.label in args.only]
     if not contenders:
         raise SystemExit(f"--only matched no contender; labels: {[c.label for c in CONTENDERS]}")
     csv_path = output / "convergence.csv"
     rows = read_rows(csv_path) if csv_path.is_file() else []
     done = {(int(r["seed"]), r["task"], r["trainer"]) for r in rows}
     for seed in args.seeds:
-        for task in args.tasks:
-            folder = prepare_dataset(output / "nnunet", task, seed, args)
+        for task in ([args.dataset] if args.dataset else args.tasks):
+            folder = existing_dataset(args.dataset) if args.dataset else prepare_dataset(output / "nnunet", task, seed,
+                                                                                         args)
             for contender in contenders:
                 if (seed, task, contender.label) in done:
                     print(f"seed {seed}, {task}, {contender.label}: already in {csv_path}, skipped")
