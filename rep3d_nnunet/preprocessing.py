@@ -121,7 +121,3 @@ class Rep3DConfigurationManager(ConfigurationManager):
         if self.preprocessor_name in _PREPROCESSORS:
             return _PREPROCESSORS[self.preprocessor_name]
         return super().preprocessor_class
-
-
-def uses_rep3d_preprocessor(configuration_manager: ConfigurationManager) -> bool:
-    return configuration_manager.preprocessor_name in _PREPROCESSORS
