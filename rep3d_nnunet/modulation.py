@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import depthwise_conv
+from .ops import small_depthwise_conv
 
 MODULATION_MODES = ("lrbm", "fixed", "none", "csla")
 GENERATOR_DEPTHS = (1, 2, 3)
@@ -175,10 +175,11 @@ class LRBMGenerator(nn.Module):
         )
 
     def forward(self, prior: torch.Tensor) -> torch.Tensor:
-        x = prior.expand(1, self.channels, *prior.shape)
+        x = prior[None, None]  # [1, 1, *k]: one map shared by all C filters of the first conv
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-            # depthwise_conv picks the backend: on CPU a 7^3 conv over a 21^3 kernel is ~10x faster through FFTs
-            x = norm(depthwise_conv(x, conv.weight.to(x.dtype), conv.bias.to(x.dtype)))
+            # on CPU a 7^3 conv over a 21^3 kernel is ~10x faster through FFTs; small_depthwise_conv keeps the
+            # spectra for backward (they are kernel-sized) and transforms the shared prior once
+            x = norm(small_depthwise_conv(x, conv.weight.to(x.dtype), conv.bias.to(x.dtype)))
             if i < len(self.convs) - 1:
                 x = torch.sigmoid(x)
         return x.transpose(0, 1)
