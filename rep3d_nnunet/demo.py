@@ -5,6 +5,7 @@ Every step is the command a user would type (printed before it runs), so the dem
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -123,3 +124,17 @@ def run_demo(settings: DemoSettings) -> dict[str, float]:
         print(f"  class {label}: {value:.3f}")
     print(f"Total wall time: {time.time() - started:.0f} s")
     return dice
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``rep3d-nnunet demo``."""
+    parser.add_argument("--workdir", default="rep3d_demo")
+    parser.add_argument("--dataset-id", type=int, default=DemoSettings.dataset_id)
+    parser.add_argument("--trainer", default=DemoSettings.trainer)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    """Runs the demo described by parsed :func:`add_arguments` flags (it prints as it goes)."""
+    run_demo(DemoSettings(workdir=Path(args.workdir), dataset_id=args.dataset_id, trainer=args.trainer,
+                          device=args.device))

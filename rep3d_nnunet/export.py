@@ -5,6 +5,7 @@ After folding no generator, prior, beta or CSLA small branch remains; the logits
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import shutil
@@ -188,3 +189,31 @@ def export_model_folder(model_folder: str | Path, output_folder: str | Path) -> 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return reports
+
+
+def default_export_folder(model_folder: str | Path) -> Path:
+    """``Trainer__Plans__config`` -> ``Trainer__Plans_folded__config`` beside it, so nnU-Net commands address it
+    with ``-p Plans_folded``."""
+    model_folder = Path(model_folder).resolve()
+    parts = model_folder.name.split("__")
+    if len(parts) != 3:
+        raise ValueError(f"Cannot derive an output name from {model_folder}; pass --output.")
+    trainer, plans, configuration = parts
+    return model_folder.with_name(f"{trainer}__{plans}_folded__{configuration}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``rep3d-nnunet export MODEL_FOLDER [-o OUTPUT]``."""
+    parser.add_argument("model_folder")
+    parser.add_argument("-o", "--output", default=None,
+                        help="new model folder (default: beside the input, plans part suffixed _folded)")
+
+
+def run_from_args(args: argparse.Namespace) -> str:
+    """Exports the model folder named by parsed :func:`add_arguments` flags; returns what was folded, per checkpoint."""
+    check_model_folder(Path(args.model_folder).resolve())  # a missing folder is named before its output is derived
+    output = Path(args.output) if args.output else default_export_folder(args.model_folder)
+    reports = export_model_folder(args.model_folder, output)
+    lines = [f"{r.path}: {r.parameters_before:,} parameters -> {r.parameters_after:,} after folding "
+             f"(logits differ by {r.max_relative_logit_difference:.1e} relative)" for r in reports]
+    return "\n".join(lines + [f"Exported {len(reports)} checkpoint(s) to {output}"])

@@ -8,6 +8,7 @@ calls nnU-Net's planning and preprocessing API with this class. The plans file i
 
 from __future__ import annotations
 
+import argparse
 import json
 from typing import Sequence
 
@@ -224,3 +225,28 @@ def copy_ground_truth(dataset_id: int) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for identifier, files in get_filenames_of_train_images_and_targets(str(raw), dataset_json).items():
         shutil.copyfile(files["label"], target / (identifier + dataset_json["file_ending"]))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``rep3d-nnunet plan``."""
+    from .preprocessing import PAPER_PRESETS
+
+    parser.add_argument("-d", "--dataset-id", type=int, required=True)
+    parser.add_argument("--gpu-memory-gb", type=float, default=8.0, help="GPU memory target (default 8, like nnU-Net)")
+    parser.add_argument("--plans-name", default=None, help="default: Rep3DPlans, or Rep3DPaperPlans with --preset")
+    parser.add_argument("-c", "--configurations", nargs="+", default=None,
+                        help="default: 2d 3d_fullres, or 3d_fullres with --preset")
+    parser.add_argument("--preset", default=None, choices=list(PAPER_PRESETS),
+                        help="the paper's preprocessing for this benchmark: spacing, intensity window and percentile "
+                             "min-max normalization, 96^3 patches, batch 2, the paper's network (appendix A.2)")
+    parser.add_argument("--base-features", type=int, default=32, help="features of the first stage (nnU-Net: 32)")
+    parser.add_argument("--max-features", type=int, default=None, help="cap on features per stage")
+    parser.add_argument("-np", "--num-processes", type=int, default=2)
+    parser.add_argument("--no-preprocess", action="store_true", help="write the plans only")
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    """Plans (and preprocesses) the dataset described by parsed :func:`add_arguments` flags."""
+    plan_and_preprocess(args.dataset_id, args.gpu_memory_gb, args.plans_name, args.configurations,
+                        args.base_features, args.max_features, args.num_processes, not args.no_preprocess,
+                        preset=args.preset)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -51,6 +53,15 @@ def test_env_prints_the_line_that_registers_our_trainers():
     line = export_lines({"nnUNet_extTrainer": "/other/trainers"})[0]
     assert line == f"export nnUNet_extTrainer={trainer_folder()}{os.pathsep}/other/trainers"
     assert (trainer_folder() / "nnUNetTrainerRep3D.py").is_file()
+
+
+def test_env_imports_neither_nnunet_nor_torch():
+    """``eval "$(rep3d-nnunet env)"`` runs in shell start-up files: it must not pay for importing nnU-Net."""
+    code = ("import sys; from rep3d_nnunet.cli import main; main(['env']); "
+            "heavy = sorted(m for m in ('nnunetv2', 'torch') if m in sys.modules); print('imported:', heavy)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "nnUNet_extTrainer=" in result.stdout
+    assert "imported: []" in result.stdout
 
 
 def test_doctor_names_each_problem_and_its_fix(tmp_path):
