@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import small_depthwise_conv
+from .ops import depthwise_conv, fan_out_conv
 
 MODULATION_MODES = ("lrbm", "fixed", "none", "csla")
 GENERATOR_DEPTHS = (1, 2, 3)
@@ -175,11 +175,11 @@ class LRBMGenerator(nn.Module):
         )
 
     def forward(self, prior: torch.Tensor) -> torch.Tensor:
-        x = prior[None, None]  # [1, 1, *k]: one map shared by all C filters of the first conv
+        x = prior[None, None]  # [1, 1, *k]: every filter of the first conv reads the same prior
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-            # on CPU a 7^3 conv over a 21^3 kernel is ~10x faster through FFTs; small_depthwise_conv keeps the
-            # spectra for backward (they are kernel-sized) and transforms the shared prior once
-            x = norm(small_depthwise_conv(x, conv.weight.to(x.dtype), conv.bias.to(x.dtype)))
+            # both ops pick their backend: on CPU a 7^3 conv over a 21^3 kernel is ~10x faster through FFTs
+            conv_op = fan_out_conv if i == 0 else depthwise_conv
+            x = norm(conv_op(x, conv.weight.to(x.dtype), conv.bias.to(x.dtype)))
             if i < len(self.convs) - 1:
                 x = torch.sigmoid(x)
         return x.transpose(0, 1)

@@ -195,36 +195,28 @@ class _FFTDepthwiseConv(torch.autograd.Function):
     and the weight gradient sums the batch in the frequency domain (one inverse transform per channel, not per
     sample).
 
-    ``keep_spectra`` reverses that trade for small inputs (``small_depthwise_conv``): both spectra are saved and
-    backward transforms only the incoming gradient and its results. An input with one channel broadcasts against
-    the C filters in the frequency domain; its gradient is summed over them before the single inverse transform.
+    An input with one channel (``fan_out_conv``) broadcasts against the C filters in the frequency domain, so it is
+    transformed once; its gradient is summed over the filters before the single inverse transform.
     """
 
     @staticmethod
-    def forward(
-        ctx, x: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan, compute: torch.dtype, keep_spectra: bool
-    ) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan, compute: torch.dtype) -> Tensor:
         ctx.plan = plan
         ctx.compute = compute
         ctx.bias_dtype = None if bias is None else bias.dtype
         # The originals are saved, the casts recomputed: under AMP x arrives in half precision, and saving its float32
         # copy would double what torch's conv keeps.
-        x_saved, weight_saved = x, weight
+        ctx.save_for_backward(x, weight)
         x, weight = x.to(compute), weight.to(compute)
         spectrum = _kernel_spectrum(weight, plan)
         if plan.dims:
             xf = torch.fft.rfftn(x, s=plan.fft_shape(), dim=plan.dims)
-            if keep_spectra:
-                ctx.save_for_backward(x_saved, weight_saved, xf, spectrum)
-                product = xf * spectrum.conj()
-            else:
-                ctx.save_for_backward(x_saved, weight_saved)
-                product = xf.mul_(spectrum.conj())
-            del spectrum, xf
-            y = _crop_to_input(torch.fft.irfftn(product, s=plan.fft_shape(), dim=plan.dims), plan)
-            del product
+            # in place unless one shared input channel broadcasts against the C filters
+            xf = xf.mul_(spectrum.conj()) if xf.shape[1] == spectrum.shape[0] else xf * spectrum.conj()
+            del spectrum
+            y = _crop_to_input(torch.fft.irfftn(xf, s=plan.fft_shape(), dim=plan.dims), plan)
+            del xf
         else:
-            ctx.save_for_backward(x_saved, weight_saved)
             y = x * spectrum  # all radii 0: a 1-tap kernel is a per-channel scale
         # The crop is a view into the padded buffer; the add (or the copy) materialises it so the buffer is freed.
         y = y + bias.to(compute).view(-1, *([1] * len(plan.spatial))) if bias is not None else y.contiguous()
@@ -233,7 +225,7 @@ class _FFTDepthwiseConv(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: Tensor):
-        x_saved, weight_saved, *spectra = ctx.saved_tensors
+        x_saved, weight_saved = ctx.saved_tensors
         plan: _Plan = ctx.plan
         shared_input = x_saved.shape[1] == 1 and weight_saved.shape[0] > 1
         x, weight = x_saved.to(ctx.compute), weight_saved.to(ctx.compute)
@@ -257,7 +249,8 @@ class _FFTDepthwiseConv(torch.autograd.Function):
             shape = plan.fft_shape()
             gyf = torch.fft.rfftn(grad_y, s=shape, dim=plan.dims)
             if need_w:
-                xf = spectra[0] * gyf.conj() if spectra else torch.fft.rfftn(x, s=shape, dim=plan.dims).mul_(gyf.conj())
+                xf = torch.fft.rfftn(x, s=shape, dim=plan.dims)
+                xf = xf * gyf.conj() if shared_input else xf.mul_(gyf.conj())
                 # Summing the batch (and untransformed axes) in the frequency domain leaves one inverse per channel.
                 untransformed = tuple(a for a in spatial_axes if a - x.ndim not in plan.dims)
                 cross = xf.sum(dim=(0,) + untransformed, keepdim=True)
@@ -265,7 +258,7 @@ class _FFTDepthwiseConv(torch.autograd.Function):
                 taps = _gather_taps(torch.fft.irfftn(cross, s=shape, dim=plan.dims), plan)
                 grad_w[(slice(None), 0) + _crop_slices(plan)] = taps[0]
             if need_x:
-                gyf.mul_(spectra[1] if spectra else _kernel_spectrum(weight, plan))
+                gyf.mul_(_kernel_spectrum(weight, plan))
                 if shared_input:  # x was broadcast to every filter: its gradient sums theirs
                     gyf = gyf.sum(1, keepdim=True)
                 grad_x = _crop_to_input(torch.fft.irfftn(gyf, s=shape, dim=plan.dims), plan).contiguous()
@@ -278,7 +271,6 @@ def _cast_grads(grad_x, grad_w, grad_b, x: Tensor, weight: Tensor):
         None if grad_x is None else grad_x.to(x.dtype),
         None if grad_w is None else grad_w.to(weight.dtype),
         grad_b,
-        None,
         None,
         None,
     )
@@ -303,10 +295,10 @@ def _compute_dtype(x: Tensor, weight: Tensor) -> tuple[torch.dtype, torch.dtype]
     return x.dtype, x.dtype
 
 
-def _fft_conv(x: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan, keep_spectra: bool = False) -> Tensor:
+def _fft_conv(x: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan) -> Tensor:
     compute, result = _compute_dtype(x, weight)
     with _autocast_disabled(x.device.type):
-        y = _FFTDepthwiseConv.apply(x, weight, bias, plan, compute, keep_spectra)
+        y = _FFTDepthwiseConv.apply(x, weight, bias, plan, compute)
     return y.to(result)
 
 
@@ -409,50 +401,34 @@ def fft_workspace_voxels(spatial_shape: Sequence[int], kernel_size: int | Sequen
     return 4 * 2 * spectrum_complex + padded
 
 
-def small_depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, backend: str = "auto") -> Tensor:
-    """Depthwise "same" convolution of a small input, such as the LRBM generator's kernel-sized maps.
+def fan_out_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, backend: str = "auto") -> Tensor:
+    """One input channel, C filters, "same" padding, stride 1: ``F.conv2d/conv3d(x, weight, bias, padding=k // 2)``.
 
-    Unlike ``depthwise_conv``'s FFT backend, which saves only x and the weight and re-transforms both in backward
-    (the right trade for activations), this keeps the spectra for backward: for a kernel-sized input they cost
-    little memory, and backward then needs 3 transforms per channel instead of 5. An input with one channel is
-    shared by all C filters (as ``prior.expand(N, C, ...)`` would be) but transformed once, and its gradient is
-    summed over the filters in the frequency domain (one inverse transform instead of C).
+    Equal to ``depthwise_conv(x.expand(N, C, ...), weight, bias)``, but the FFT backend transforms the shared input
+    once instead of C times and sums its gradient over the filters before one inverse transform; the direct backend
+    is torch's conv with one input channel. The LRBM generator's first conv is one: every filter reads the prior P.
 
     Args:
-        x: [N, C, *spatial] or [N, 1, *spatial], 2 or 3 spatial axes.
+        x: [N, 1, *spatial], 2 or 3 spatial axes.
         weight: [C, 1, *k], every k odd.
         bias: [C] or None.
-        backend: ``"direct"``, ``"fft"`` or ``"auto"`` (``choose_backend`` for the C-channel shape).
+        backend: ``"direct"``, ``"fft"`` or ``"auto"`` (``choose_backend`` for the expanded shape [N, C, *spatial]).
 
     Returns:
         [N, C, *spatial], dtypes as ``depthwise_conv``.
 
     Raises:
-        ValueError: as ``depthwise_conv``, or an input whose channels are neither 1 nor C.
+        ValueError: as ``depthwise_conv``, or an input with more than one channel.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"Unknown backend {backend!r}; allowed values are {', '.join(map(repr, BACKENDS))}.")
-    if x.ndim not in (4, 5) or weight.ndim != x.ndim or weight.shape[1] != 1 or x.shape[1] not in (1, weight.shape[0]):
-        raise ValueError(
-            f"Expected an input [N, C or 1, *spatial] (2 or 3 spatial axes) and a weight [C, 1, *k] of the same rank; "
-            f"got input {tuple(x.shape)} and weight {tuple(weight.shape)}."
-        )
-    channels, spatial = weight.shape[0], tuple(x.shape[2:])
-    if bias is not None and tuple(bias.shape) != (channels,):
-        raise ValueError(f"Bias must have shape [{channels}], got {tuple(bias.shape)}.")
-    plan = _plan(spatial, _as_kernel_size(tuple(weight.shape[2:]), len(spatial)))
-    shape = (x.shape[0], channels, *spatial)
-    if backend == "auto":
-        requires_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-        backend = choose_backend(shape, plan.kernel, x.device.type, requires_grad)
+    if x.ndim in (4, 5) and x.shape[1] != 1:
+        raise ValueError(f"fan_out_conv expects an input with one channel [N, 1, *spatial], got {tuple(x.shape)}; "
+                         f"use depthwise_conv for one filter per channel.")
+    plan, backend = _checked_plan(x, weight, bias, backend, channels=weight.shape[0] if weight.ndim else 0)
     if backend == "fft":
-        return _fft_conv(x, weight, bias, plan, keep_spectra=True)
-    if x.shape[1] != channels:
-        # one input channel, C filters: a dense conv with one input channel, no expanded copy of x
-        weight = weight[(slice(None), slice(None)) + _crop_slices(plan)] if plan.cropped else weight
-        conv = F.conv2d if len(spatial) == 2 else F.conv3d
-        return conv(x, weight, bias, stride=1, padding=plan.radii)
-    return _direct_conv(x, weight, bias, plan)
+        return _fft_conv(x, weight, bias, plan)
+    weight = weight[(slice(None), slice(None)) + _crop_slices(plan)] if plan.cropped else weight
+    conv = F.conv2d if len(plan.spatial) == 2 else F.conv3d
+    return conv(x, weight, bias, stride=1, padding=plan.radii)
 
 
 def depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, backend: str = "auto") -> Tensor:
@@ -473,11 +449,19 @@ def depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, backen
         ValueError: unknown backend, input not 4-D/5-D, weight or bias shape not matching the channels, even kernel,
             input and weight dtypes differing outside autocast (FFT backend).
     """
+    plan, backend = _checked_plan(x, weight, bias, backend, channels=x.shape[1] if x.ndim > 1 else 0)
+    if backend == "fft":
+        return _fft_conv(x, weight, bias, plan)
+    return _direct_conv(x, weight, bias, plan)
+
+
+def _checked_plan(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str, channels: int) -> tuple[_Plan, str]:
+    """Validates the arguments of a conv with ``channels`` outputs; returns its plan and the backend to use."""
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend {backend!r}; allowed values are {', '.join(map(repr, BACKENDS))}.")
     if x.ndim not in (4, 5):
         raise ValueError(f"Expected an input [N, C, *spatial] with 2 or 3 spatial axes, got shape {tuple(x.shape)}.")
-    channels, spatial = x.shape[1], tuple(x.shape[2:])
+    spatial = tuple(x.shape[2:])
     if weight.ndim != x.ndim or weight.shape[0] != channels or weight.shape[1] != 1:
         raise ValueError(
             f"Depthwise weight must have shape [C, 1, *k] = [{channels}, 1, {', '.join('k' * len(spatial))}] "
@@ -487,10 +471,6 @@ def depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, backen
         raise ValueError(f"Bias must have shape [{channels}], got {tuple(bias.shape)}.")
     plan = _plan(spatial, _as_kernel_size(tuple(weight.shape[2:]), len(spatial)))
     if backend == "auto":
-        requires_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias)
-        )
-        backend = choose_backend(x.shape, plan.kernel, x.device.type, requires_grad)
-    if backend == "fft":
-        return _fft_conv(x, weight, bias, plan)
-    return _direct_conv(x, weight, bias, plan)
+        requires_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+        backend = choose_backend((x.shape[0], channels, *spatial), plan.kernel, x.device.type, requires_grad)
+    return plan, backend

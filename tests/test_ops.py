@@ -10,9 +10,9 @@ from rep3d_nnunet import ops
 from rep3d_nnunet.ops import (
     choose_backend,
     depthwise_conv,
+    fan_out_conv,
     fft_workspace_voxels,
     next_smooth_size,
-    small_depthwise_conv,
 )
 
 
@@ -109,10 +109,8 @@ def test_fft_size_bound_is_tight():
     grads_expected = torch.autograd.grad(expected, (x, weight), torch.ones_like(expected))
     plan = ops._plan((6, 5), (5, 5))
     # Sizes need not be smooth for correctness; the plan rounds them up only for speed.
-    cases = [(sizes, exact, keep) for sizes, exact in (((8, 7), True), ((7, 7), False), ((8, 6), False))
-             for keep in (False, True)]
-    for sizes, exact, keep_spectra in cases:
-        y = ops._FFTDepthwiseConv.apply(x, weight, None, plan._replace(fft_sizes=sizes), torch.float32, keep_spectra)
+    for sizes, exact in (((8, 7), True), ((7, 7), False), ((8, 6), False)):
+        y = ops._FFTDepthwiseConv.apply(x, weight, None, plan._replace(fft_sizes=sizes), torch.float32)
         grads = torch.autograd.grad(y, (x, weight), torch.ones_like(y))
         errors = [_relative(y, expected)] + [_relative(g, e) for g, e in zip(grads, grads_expected)]
         assert (max(errors) < 1e-5) == exact, (sizes, errors)
@@ -236,18 +234,17 @@ def test_even_kernel_rejected_by_choose_backend():
     "spatial,kernel",
     [((9, 10, 11), (7, 7, 7)), ((1, 12, 12), (1, 5, 5)), ((3, 5, 6), (7, 7, 7)), ((8, 9), (5, 5)), ((4, 4, 4), (1, 1, 1))],
 )
-@pytest.mark.parametrize("shared_input", [True, False])
-def test_small_depthwise_conv_matches_depthwise_conv_on_the_expanded_input(backend, spatial, kernel, shared_input):
-    """The generator's path: spectra kept for backward, and a one-channel input shared by all filters."""
+def test_fan_out_conv_matches_depthwise_conv_on_the_expanded_input(backend, spatial, kernel):
+    """The LRBM generator's first conv: one input channel read by every filter."""
     torch.manual_seed(0)
     channels = 4
-    x = torch.randn(2, 1 if shared_input else channels, *spatial, requires_grad=True)
+    x = torch.randn(2, 1, *spatial, requires_grad=True)
     weight = torch.randn(channels, 1, *kernel, requires_grad=True)
     bias = torch.randn(channels, requires_grad=True)
     grad_y = torch.randn(2, channels, *spatial)
     results = []
     for conv in (
-        lambda: small_depthwise_conv(x, weight, bias, backend=backend),
+        lambda: fan_out_conv(x, weight, bias, backend=backend),
         lambda: depthwise_conv(x.expand(2, channels, *spatial), weight, bias, backend="direct"),
     ):
         for t in (x, weight, bias):
@@ -260,14 +257,18 @@ def test_small_depthwise_conv_matches_depthwise_conv_on_the_expanded_input(backe
         assert _relative(got, expected) < 1e-4, name
 
 
-def test_small_depthwise_conv_gradcheck_float64(one_thread):
+def test_fan_out_conv_gradcheck_float64(one_thread):
     torch.manual_seed(0)
     x = torch.randn(1, 1, 3, 4, 5, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(2, 1, 3, 5, 3, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, w, b: small_depthwise_conv(a, w, b, backend="fft"), (x, weight, bias))
+    assert torch.autograd.gradcheck(lambda a, w, b: fan_out_conv(a, w, b, backend="fft"), (x, weight, bias))
 
 
-def test_small_depthwise_conv_rejects_inputs_whose_channels_are_neither_one_nor_c():
-    with pytest.raises(ValueError, match=r"\[N, C or 1, \*spatial\]"):
-        small_depthwise_conv(torch.zeros(1, 3, 5, 5, 5), torch.zeros(4, 1, 3, 3, 3))
+@pytest.mark.parametrize(
+    "x_shape,w_shape,match",
+    [((1, 3, 5, 5, 5), (4, 1, 3, 3, 3), "one channel"), ((1, 1, 5, 5, 5), (4, 2, 3, 3, 3), r"\[C, 1, \*k\]")],
+)
+def test_fan_out_conv_bad_inputs(x_shape, w_shape, match):
+    with pytest.raises(ValueError, match=match):
+        fan_out_conv(torch.zeros(x_shape), torch.zeros(w_shape))
