@@ -54,8 +54,11 @@ def build(name: str, plan: dict) -> torch.nn.Module:
         network = PlainConvUNet(1, num_classes=NUM_CLASSES, deep_supervision=True, **plan["arch"])
         network.apply(PlainConvUNet.initialize)
         return network
-    kwargs, _ = rep3d_architecture("PlainConvUNet", plan["arch"], plan["patch_size"], [1.0] * 3,
-                                   Rep3DSettings(conv_backend=name.split(":")[1] if ":" in name else "auto"))
+    # rep3d[-MODULATION][:BACKEND], e.g. rep3d, rep3d:fft, rep3d-none (no generator), rep3d-fixed:direct
+    variant, _, backend = name.partition(":")
+    _, _, modulation = variant.partition("-")
+    settings = Rep3DSettings(conv_backend=backend or "auto", modulation=modulation or "lrbm")
+    kwargs, _ = rep3d_architecture("PlainConvUNet", plan["arch"], plan["patch_size"], [1.0] * 3, settings)
     network = Rep3DUNet(1, num_classes=NUM_CLASSES, deep_supervision=True, **kwargs)
     network.apply(Rep3DUNet.initialize)
     return network
@@ -100,6 +103,26 @@ def make_step(name: str, network, plan, device, batch, amp: bool, compile_networ
     return step
 
 
+def mask_seconds(network: torch.nn.Module, device: torch.device, repeats: int) -> float | None:
+    """Median time of computing every modulation mask forward and backward: the per-step cost of the LRBM generators
+    (batch-independent, so it weighs most at small patches). None when the network has no masks."""
+    from rep3d_nnunet.modulation import KernelModulation
+
+    modulations = [m for m in network.modules() if isinstance(m, KernelModulation)]
+    if not modulations:
+        return None
+    times = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        total = sum(m().sum() for m in modulations)
+        if total.requires_grad:  # the fixed prior has nothing to train
+            total.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
+
+
 def peak_resident_mib() -> float:
     """This process's peak resident memory. VmHWM, not getrusage's ru_maxrss: the latter survives exec and would
     report the (larger) parent's peak for a child started from this benchmark."""
@@ -126,7 +149,8 @@ def main(argv=None):
     parser.add_argument("--amp", action="store_true", help="also run with autocast (fp16 + GradScaler on CUDA)")
     parser.add_argument("--compile", action="store_true", help="also run torch.compile'd networks")
     parser.add_argument("--variants", nargs="+", default=["nnunet", "rep3d", "rep3d:direct"],
-                        help="nnunet, rep3d (auto backend), rep3d:fft, rep3d:direct")
+                        help="nnunet, or rep3d[-MODULATION][:BACKEND]: rep3d (LRBM, auto backend), rep3d:fft, "
+                             "rep3d:direct, rep3d-fixed, rep3d-none (a plain large kernel: no generator)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -147,7 +171,7 @@ def main(argv=None):
     for amp, compiled in modes:
         steps = {}
         for name in args.variants:
-            if name == "rep3d:direct" and device.type == "cpu" and args.patch > 32:
+            if name.endswith(":direct") and device.type == "cpu" and args.patch > 32:
                 print(f"skipping {name} at {args.patch}^3 on CPU: torch's direct 21^3 depthwise backward takes "
                       f"minutes per iteration (DESIGN.md section 3)")
                 continue
@@ -186,6 +210,12 @@ def main(argv=None):
         peak_text = f"{peak:.0f}" if peak else "-"
         peak_ratio = f"{peak / ref_peak:.2f}" if peak and ref_peak else "-"
         print(f"| {name} | {amp} | {compiled} | {seconds * scale:.3g} | {time_ratio} | {peak_text} | {peak_ratio} |")
+    for name in args.variants:
+        if name.startswith("rep3d"):
+            seconds = mask_seconds(build(name, plan).to(device), device, args.repeats)
+            if seconds is not None:
+                print(f"{name}: computing its masks (generators included) forward+backward takes "
+                      f"{seconds * scale:.3g} {unit} of each iteration")
     print(json.dumps({f"{n}|amp={a}|compile={c}": v for (n, a, c), v in results.items()}))
 
 

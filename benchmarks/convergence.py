@@ -77,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-features", type=int, default=64)
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: up to 2); 1 lets two runs share a 2-core machine without "
+                             "oversubscribing it")
     parser.add_argument("--only", nargs="+", default=None, help="labels of the contenders to run (default: all)")
     parser.add_argument("--plot-only", default=None, metavar="CSV", help="redraw the plot and table from a CSV")
     parser.add_argument("--dataset", default=None, help="an existing nnU-Net dataset (name or id) instead of the "
@@ -326,7 +329,7 @@ def main(argv=None) -> int:
     import torch
 
     if args.device == "cpu":
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
+        torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
     if args.trainers:
         contenders = [Contender(name, name) for name in args.trainers]
     else:
