@@ -286,6 +286,12 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # nnU-Net's progress plots call seaborn.set(font_scale=2.5), which changes matplotlib's global style
+    with plt.style.context("default"):
+        _draw(plt, rows, path)
+
+
+def _draw(plt, rows: list[dict], path: Path) -> None:
     tasks = sorted({r["task"] for r in rows})
     figure, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.5), squeeze=False)
     for axis, task in zip(axes[0], tasks):
