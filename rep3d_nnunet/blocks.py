@@ -99,10 +99,16 @@ class ModulatedDepthwiseConv(nn.Module):
 
     # ---- the training-time kernel ----
     def mask(self) -> torch.Tensor:
-        """M, shape [C or 1, 1, *k]; cached only in eval mode without autograd (keyed on parameter versions)."""
+        """M, shape [C or 1, 1, *k]; in eval mode without autograd computed in float64, cached when eager.
+
+        The eval-mode cache is keyed on the parameters' storage and version counters, Python state that
+        torch.compile cannot trace; compiled eval forwards (nnU-Net's validation) recompute the same float64 mask
+        in the graph instead, a few kernel-sized ops.
+        """
         if self.training or torch.is_grad_enabled():
-            self._mask_cache = None
             return self.modulation()
+        if torch.compiler.is_compiling():
+            return self.modulation(torch.float64).to(self.weight.dtype)
         tensors = list(self.modulation.parameters()) + list(self.modulation.buffers())
         key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
         if self._mask_cache is None or self._mask_cache[0] != key:
@@ -110,6 +116,11 @@ class ModulatedDepthwiseConv(nn.Module):
             # thread count, so folded weights (computed at export) match the trained model's runtime mask bit for bit.
             self._mask_cache = (key, self.modulation(torch.float64).to(self.weight.dtype))
         return self._mask_cache[1]
+
+    def train(self, mode: bool = True) -> "ModulatedDepthwiseConv":
+        if mode:
+            self._mask_cache = None  # training changes the parameters; the cached mask would only hold memory
+        return super().train(mode)
 
     def effective_weight(self) -> torch.Tensor:
         """W_eff, shape [C, 1, *k]: the kernel the convolution applies."""

@@ -23,14 +23,12 @@ So every result is exact up to float rounding, with about (D + r) / (D + k - 1) 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 BACKENDS = ("auto", "direct", "fft")
 
@@ -85,7 +83,6 @@ class _Plan(NamedTuple):
         return tuple(self.fft_sizes[d] for d in self.dims)
 
 
-@functools.lru_cache(maxsize=4096)
 def next_smooth_size(minimum: int) -> int:
     """Smallest integer >= ``minimum`` whose prime factors are all in {2, 3, 5, 7} (fast for pocketfft and cuFFT)."""
     n = max(1, int(minimum))
@@ -108,7 +105,6 @@ def _as_kernel_size(kernel_size: int | Sequence[int], dim: int) -> tuple[int, ..
     return sizes
 
 
-@functools.lru_cache(maxsize=4096)
 def _plan(spatial: tuple[int, ...], kernel: tuple[int, ...]) -> _Plan:
     radii = tuple(min(k // 2, max(d - 1, 0)) for d, k in zip(spatial, kernel))
     fft_sizes = tuple(next_smooth_size(d + r) if r > 0 else d for d, r in zip(spatial, radii))
@@ -177,113 +173,147 @@ def _gather_taps(t: Tensor, plan: _Plan) -> Tensor:
 
 
 def _autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
-    try:
+    """A context without autocast for ``device_type``; nothing to disable where autocast does not exist."""
+    if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
-    except RuntimeError:  # a device type without autocast support has nothing to disable
-        return contextlib.nullcontext()
+    return contextlib.nullcontext()
 
 
-class _FFTDepthwiseConv(torch.autograd.Function):
-    """Forward, grad input and grad weight of the depthwise conv in the frequency domain (real FFTs).
+def _fft_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan, compute: torch.dtype) -> Tensor:
+    """The depthwise conv in the frequency domain, in ``compute`` precision.
 
-    Saved for backward: x and the weight only, exactly what torch's conv saves, so switching backends does not change
-    the activation memory held between forward and backward (the quantity nnU-Net's planner sizes patches by).
-    Both spectra are recomputed in backward instead: the input spectrum X ([N, C, *m] complex, ~2-2.5x the input at
-    k = 21) and the kernel spectrum U ([C, *m], ~2-2.5x one sample's input). Saving them would spare 2 of the 8
-    transforms of a batch-1 forward+backward (~25% of FFT time) for up to +4.5 inputs of memory per conv, about
-    doubling a Rep3D block's saved activations. Within backward the grad-output spectrum is shared by both gradients,
-    and the weight gradient sums the batch in the frequency domain (one inverse transform per channel, not per
-    sample).
+    Args:
+        x: [N, C, *spatial], or [N, 1, *spatial] read by all C filters (``fan_out_conv``: the input's spectrum
+            broadcasts against the C kernel spectra, so it is transformed once).
+        weight: [C, 1, *k]; bias: [C] or None.
 
-    An input with one channel (``fan_out_conv``) broadcasts against the C filters in the frequency domain, so it is
-    transformed once; its gradient is summed over the filters before the single inverse transform.
+    Returns:
+        [N, C, *spatial] in ``compute``, contiguous.
     """
+    x, weight = x.to(compute), weight.to(compute)
+    spectrum = _kernel_spectrum(weight, plan)
+    if plan.dims:
+        xf = torch.fft.rfftn(x, s=plan.fft_shape(), dim=plan.dims)
+        # Conjugates are taken physically, in place: torch's lazy conjugate views are resolved wrongly (ignored)
+        # when this function runs inside a graph compiled by AOTAutograd, which silently turns the correlation
+        # into a convolution.
+        spectrum = spectrum.conj_physical_()
+        # in place unless one shared input channel broadcasts against the C filters
+        xf = xf.mul_(spectrum) if xf.shape[1] == spectrum.shape[0] else xf * spectrum
+        del spectrum
+        y = _crop_to_input(torch.fft.irfftn(xf, s=plan.fft_shape(), dim=plan.dims), plan)
+        del xf
+    else:
+        y = x * spectrum  # all radii 0: a 1-tap kernel is a per-channel scale
+    # The crop is a view into the padded buffer; the add (or the copy) materialises it so the buffer is freed.
+    return y + bias.to(compute).view(-1, *([1] * len(plan.spatial))) if bias is not None else y.contiguous()
 
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan, compute: torch.dtype) -> Tensor:
-        ctx.plan = plan
-        ctx.compute = compute
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        # The originals are saved, the casts recomputed: under AMP x arrives in half precision, and saving its float32
-        # copy would double what torch's conv keeps.
-        ctx.save_for_backward(x, weight)
-        x, weight = x.to(compute), weight.to(compute)
-        spectrum = _kernel_spectrum(weight, plan)
-        if plan.dims:
-            xf = torch.fft.rfftn(x, s=plan.fft_shape(), dim=plan.dims)
-            # in place unless one shared input channel broadcasts against the C filters
-            xf = xf.mul_(spectrum.conj()) if xf.shape[1] == spectrum.shape[0] else xf * spectrum.conj()
-            del spectrum
-            y = _crop_to_input(torch.fft.irfftn(xf, s=plan.fft_shape(), dim=plan.dims), plan)
+
+def _fft_backward(grad_y: Tensor, x: Tensor, weight: Tensor, plan: _Plan, compute: torch.dtype,
+                  need_x: bool, need_w: bool) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of ``_fft_forward`` with respect to x and the weight (None where not needed), in their dtypes.
+
+    The grad-output spectrum is shared by both gradients, and the weight gradient sums the batch in the frequency
+    domain (one inverse transform per channel, not per sample). A shared one-channel input gets the sum of its
+    filters' gradients before the single inverse transform.
+    """
+    shared_input = x.shape[1] == 1 and weight.shape[0] > 1
+    x_dtype, weight_dtype = x.dtype, weight.dtype
+    x, weight, grad_y = x.to(compute), weight.to(compute), grad_y.to(compute)
+    spatial_axes = tuple(range(2, x.ndim))
+    grad_x = grad_w = None
+    if need_w:
+        grad_w = torch.zeros_like(weight)
+    if not plan.dims:
+        if need_w:
+            taps = (grad_y * x).sum(dim=(0,) + spatial_axes)
+            grad_w[(slice(None), 0) + _crop_slices(plan)] = taps.view(-1, *([1] * len(plan.spatial)))
+        if need_x:
+            grad_x = grad_y * _kernel_spectrum(weight, plan)
+            grad_x = grad_x.sum(1, keepdim=True) if shared_input else grad_x
+    else:
+        shape = plan.fft_shape()
+        gyf = torch.fft.rfftn(grad_y, s=shape, dim=plan.dims)
+        if need_w:
+            xf = torch.fft.rfftn(x, s=shape, dim=plan.dims)
+            # X * conj(GY) as conj(conj(X) * GY): conjugating X in place (physically, see _fft_forward) needs no
+            # copy of the grad-output spectrum, and the second conjugate acts on the batch-summed spectrum only.
+            xf = xf.conj_physical_() * gyf if shared_input else xf.conj_physical_().mul_(gyf)
+            # Summing the batch (and untransformed axes) in the frequency domain leaves one inverse per channel.
+            untransformed = tuple(a for a in spatial_axes if a - x.ndim not in plan.dims)
+            cross = xf.sum(dim=(0,) + untransformed, keepdim=True).conj_physical_()
             del xf
-        else:
-            y = x * spectrum  # all radii 0: a 1-tap kernel is a per-channel scale
-        # The crop is a view into the padded buffer; the add (or the copy) materialises it so the buffer is freed.
-        y = y + bias.to(compute).view(-1, *([1] * len(plan.spatial))) if bias is not None else y.contiguous()
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y: Tensor):
-        x_saved, weight_saved = ctx.saved_tensors
-        plan: _Plan = ctx.plan
-        shared_input = x_saved.shape[1] == 1 and weight_saved.shape[0] > 1
-        x, weight = x_saved.to(ctx.compute), weight_saved.to(ctx.compute)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = grad_w = grad_b = None
-        spatial_axes = tuple(range(2, x.ndim))
-        with _autocast_disabled(x.device.type):
-            grad_y = grad_y.to(ctx.compute)
-            if need_b and ctx.bias_dtype is not None:
-                grad_b = grad_y.sum(dim=(0,) + spatial_axes).to(ctx.bias_dtype)
-            if need_w:
-                grad_w = torch.zeros_like(weight)
-            if not plan.dims:
-                if need_w:
-                    taps = (grad_y * x).sum(dim=(0,) + spatial_axes)
-                    grad_w[(slice(None), 0) + _crop_slices(plan)] = taps.view(-1, *([1] * len(plan.spatial)))
-                if need_x:
-                    grad_x = grad_y * _kernel_spectrum(weight, plan)
-                    grad_x = grad_x.sum(1, keepdim=True) if shared_input else grad_x
-                return _cast_grads(grad_x, grad_w, grad_b, x_saved, weight_saved)
-            shape = plan.fft_shape()
-            gyf = torch.fft.rfftn(grad_y, s=shape, dim=plan.dims)
-            if need_w:
-                xf = torch.fft.rfftn(x, s=shape, dim=plan.dims)
-                xf = xf * gyf.conj() if shared_input else xf.mul_(gyf.conj())
-                # Summing the batch (and untransformed axes) in the frequency domain leaves one inverse per channel.
-                untransformed = tuple(a for a in spatial_axes if a - x.ndim not in plan.dims)
-                cross = xf.sum(dim=(0,) + untransformed, keepdim=True)
-                del xf
-                taps = _gather_taps(torch.fft.irfftn(cross, s=shape, dim=plan.dims), plan)
-                grad_w[(slice(None), 0) + _crop_slices(plan)] = taps[0]
-            if need_x:
-                gyf.mul_(_kernel_spectrum(weight, plan))
-                if shared_input:  # x was broadcast to every filter: its gradient sums theirs
-                    gyf = gyf.sum(1, keepdim=True)
-                grad_x = _crop_to_input(torch.fft.irfftn(gyf, s=shape, dim=plan.dims), plan).contiguous()
-        return _cast_grads(grad_x, grad_w, grad_b, x_saved, weight_saved)
+            taps = _gather_taps(torch.fft.irfftn(cross, s=shape, dim=plan.dims), plan)
+            grad_w[(slice(None), 0) + _crop_slices(plan)] = taps[0]
+        if need_x:
+            gyf.mul_(_kernel_spectrum(weight, plan))
+            if shared_input:  # x was broadcast to every filter: its gradient sums theirs
+                gyf = gyf.sum(1, keepdim=True)
+            grad_x = _crop_to_input(torch.fft.irfftn(gyf, s=shape, dim=plan.dims), plan).contiguous()
+    return (None if grad_x is None else grad_x.to(x_dtype), None if grad_w is None else grad_w.to(weight_dtype))
 
 
-def _cast_grads(grad_x, grad_w, grad_b, x: Tensor, weight: Tensor):
-    """Gradients in the dtypes of the tensors they belong to, one per input of ``apply``."""
-    return (
-        None if grad_x is None else grad_x.to(x.dtype),
-        None if grad_w is None else grad_w.to(weight.dtype),
-        grad_b,
-        None,
-        None,
-    )
+# The FFT conv is one opaque operator for torch.compile: dynamo records a single call (no graph break, no guards on
+# Python objects), inductor calls it as a unit (its transforms stay pocketfft/cuFFT calls), and AOTAutograd saves what
+# ``setup_context`` saves. The geometry is derived from the tensors' static spatial and kernel shapes inside, so the
+# operator's arguments are tensors and a dtype only.
+@torch.library.custom_op("rep3d_nnunet::fft_depthwise_conv", mutates_args=())
+def fft_depthwise_conv_op(x: Tensor, weight: Tensor, bias: Tensor | None, compute_dtype: torch.dtype) -> Tensor:
+    """``_fft_forward`` for the plan of these shapes; [N, C, *spatial] in ``compute_dtype``."""
+    with _autocast_disabled(x.device.type):
+        return _fft_forward(x, weight, bias, _plan(tuple(x.shape[2:]), tuple(weight.shape[2:])), compute_dtype)
+
+
+@fft_depthwise_conv_op.register_fake
+def _(x, weight, bias, compute_dtype):
+    return x.new_empty((x.shape[0], weight.shape[0], *x.shape[2:]), dtype=compute_dtype)
+
+
+@torch.library.custom_op("rep3d_nnunet::fft_depthwise_conv_backward", mutates_args=())
+def fft_depthwise_conv_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, compute_dtype: torch.dtype,
+                                   need_x: bool, need_w: bool) -> tuple[Tensor, Tensor]:
+    """``_fft_backward``; a gradient that is not needed comes back as an empty tensor (operators return tensors)."""
+    with _autocast_disabled(x.device.type):
+        grad_x, grad_w = _fft_backward(grad_y, x, weight, _plan(tuple(x.shape[2:]), tuple(weight.shape[2:])),
+                                       compute_dtype, need_x, need_w)
+    return (x.new_empty(0) if grad_x is None else grad_x, weight.new_empty(0) if grad_w is None else grad_w)
+
+
+@fft_depthwise_conv_backward_op.register_fake
+def _(grad_y, x, weight, compute_dtype, need_x, need_w):
+    return (torch.empty_like(x) if need_x else x.new_empty(0),
+            torch.empty_like(weight) if need_w else weight.new_empty(0))
+
+
+def _save_for_fft_backward(ctx, inputs, output) -> None:
+    # x and the weight only, uncast, exactly what torch's conv saves: switching backends does not change the
+    # activation memory held between forward and backward (the quantity nnU-Net's planner sizes patches by). Under
+    # AMP x arrives in half precision; saving its float32 copy would double that. Both spectra are recomputed in
+    # backward: saving the input spectrum ([N, C, *m] complex, ~2-2.5x the input at k = 21) would spare 2 of the 8
+    # transforms of a batch-1 forward+backward for up to +4.5 inputs of memory per conv.
+    x, weight, bias, compute_dtype = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.compute_dtype = compute_dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _fft_depthwise_conv_grad(ctx, grad_y: Tensor):
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    grad_x, grad_w = fft_depthwise_conv_backward_op(grad_y, x, weight, ctx.compute_dtype, need_x, need_w)
+    grad_b = None
+    if need_b and ctx.bias_dtype is not None:
+        grad_b = grad_y.sum(dim=(0, *range(2, grad_y.ndim))).to(ctx.bias_dtype)
+    return grad_x if need_x else None, grad_w if need_w else None, grad_b, None
+
+
+fft_depthwise_conv_op.register_autograd(_fft_depthwise_conv_grad, setup_context=_save_for_fft_backward)
 
 
 def _compute_dtype(x: Tensor, weight: Tensor) -> tuple[torch.dtype, torch.dtype]:
     """(dtype the FFT runs in, dtype of the result), matching what torch's conv returns for these inputs."""
     device_type = x.device.type
-    try:
-        autocast_on = torch.is_autocast_enabled(device_type)
-    except RuntimeError:
-        autocast_on = False
-    if autocast_on:
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         # Autocast runs convolutions in its lower precision dtype on CPU and CUDA; return that, so that "auto" can
         # switch backends without changing dtypes downstream. Half FFTs need power-of-two sizes and bf16 FFTs do
         # not exist, so the transform itself runs in float32.
@@ -295,10 +325,10 @@ def _compute_dtype(x: Tensor, weight: Tensor) -> tuple[torch.dtype, torch.dtype]
     return x.dtype, x.dtype
 
 
-def _fft_conv(x: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan) -> Tensor:
+def _fft_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     compute, result = _compute_dtype(x, weight)
     with _autocast_disabled(x.device.type):
-        y = _FFTDepthwiseConv.apply(x, weight, bias, plan, compute)
+        y = fft_depthwise_conv_op(x, weight, bias, compute)
     return y.to(result)
 
 
@@ -335,7 +365,7 @@ def estimate_seconds(
     batch, channels, *spatial = (int(s) for s in input_shape)
     plan = _plan(tuple(spatial), _as_kernel_size(kernel_size, len(spatial)))
     key = ("cuda" if torch.device(device_type).type == "cuda" else "cpu", bool(requires_grad))
-    macs = batch * channels * math.prod(spatial) * math.prod(2 * r + 1 for r in plan.radii)
+    macs = batch * channels * math.prod(spatial) * math.prod([2 * r + 1 for r in plan.radii])
     points = math.prod(plan.fft_shape())
     fft_units = batch * channels * points * max(math.log2(points), 1.0)
     return {
@@ -366,7 +396,7 @@ def choose_backend(
     """
     batch, channels, *spatial = (int(s) for s in input_shape)
     plan = _plan(tuple(spatial), _as_kernel_size(kernel_size, len(spatial)))
-    taps = math.prod(2 * r + 1 for r in plan.radii)
+    taps = math.prod([2 * r + 1 for r in plan.radii])
     if taps <= _SMALL_KERNEL_TAPS:
         return "direct"
     cost = estimate_seconds(input_shape, plan.kernel, device_type, requires_grad)
@@ -412,7 +442,8 @@ def fan_out_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, backend:
         x: [N, 1, *spatial], 2 or 3 spatial axes.
         weight: [C, 1, *k], every k odd.
         bias: [C] or None.
-        backend: ``"direct"``, ``"fft"`` or ``"auto"`` (``choose_backend`` for the expanded shape [N, C, *spatial]).
+        backend: ``"direct"``, ``"fft"`` or ``"auto"`` (``choose_backend`` for one sample of the expanded shape
+            [1, C, *spatial]).
 
     Returns:
         [N, C, *spatial], dtypes as ``depthwise_conv``.
@@ -425,7 +456,7 @@ def fan_out_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, backend:
                          f"use depthwise_conv for one filter per channel.")
     plan, backend = _checked_plan(x, weight, bias, backend, channels=weight.shape[0] if weight.ndim else 0)
     if backend == "fft":
-        return _fft_conv(x, weight, bias, plan)
+        return _fft_conv(x, weight, bias)
     weight = weight[(slice(None), slice(None)) + _crop_slices(plan)] if plan.cropped else weight
     conv = F.conv2d if len(plan.spatial) == 2 else F.conv3d
     return conv(x, weight, bias, stride=1, padding=plan.radii)
@@ -439,7 +470,7 @@ def depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, backen
         weight: [C, 1, *k], every k odd (anisotropic allowed, e.g. (1, 21, 21)); may be larger than the input.
         bias: [C] or None.
         backend: ``"direct"`` (torch's conv), ``"fft"`` (real FFTs for forward and both gradients) or ``"auto"``
-            (``choose_backend`` for this shape, device and whether gradients are needed).
+            (``choose_backend`` for one sample of this shape, this device and whether gradients are needed).
 
     Returns:
         [N, C, *spatial]. Under autocast the dtype torch's conv would give (the autocast dtype; the FFT itself runs
@@ -451,26 +482,42 @@ def depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, backen
     """
     plan, backend = _checked_plan(x, weight, bias, backend, channels=x.shape[1] if x.ndim > 1 else 0)
     if backend == "fft":
-        return _fft_conv(x, weight, bias, plan)
+        return _fft_conv(x, weight, bias)
     return _direct_conv(x, weight, bias, plan)
 
 
 def _checked_plan(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str, channels: int) -> tuple[_Plan, str]:
     """Validates the arguments of a conv with ``channels`` outputs; returns its plan and the backend to use."""
+    requires_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    # the batch axis stays out: it is the one axis torch.compile may make dynamic (a symbol, not a constant)
+    return _geometry(tuple(x.shape[1:]), tuple(weight.shape), None if bias is None else tuple(bias.shape), channels,
+                     backend, x.device.type, requires_grad)
+
+
+# Pure function of shapes and flags: torch.compile calls it once while tracing and keeps its result as a constant
+# (the shapes it reads are static there, grad mode and device are guarded anyway), instead of symbolically executing
+# the size rounding and the cost model for every convolution of the network.
+@torch.compiler.assume_constant_result
+def _geometry(sample_shape: tuple, weight_shape: tuple, bias_shape: tuple | None, channels: int, backend: str,
+              device_type: str, requires_grad: bool) -> tuple[_Plan, str]:
+    """``_checked_plan`` on shapes: ``sample_shape`` is the input's [C, *spatial] (without the batch axis)."""
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend {backend!r}; allowed values are {', '.join(map(repr, BACKENDS))}.")
-    if x.ndim not in (4, 5):
-        raise ValueError(f"Expected an input [N, C, *spatial] with 2 or 3 spatial axes, got shape {tuple(x.shape)}.")
-    spatial = tuple(x.shape[2:])
-    if weight.ndim != x.ndim or weight.shape[0] != channels or weight.shape[1] != 1:
+    if len(sample_shape) not in (3, 4):
+        raise ValueError(f"Expected an input [N, C, *spatial] with 2 or 3 spatial axes, got shape "
+                         f"[N, {', '.join(map(str, sample_shape))}].")
+    spatial = sample_shape[1:]
+    if len(weight_shape) != len(sample_shape) + 1 or weight_shape[0] != channels or weight_shape[1] != 1:
         raise ValueError(
             f"Depthwise weight must have shape [C, 1, *k] = [{channels}, 1, {', '.join('k' * len(spatial))}] "
-            f"for an input with {channels} channels and {len(spatial)} spatial axes; got {tuple(weight.shape)}."
+            f"for an input with {channels} channels and {len(spatial)} spatial axes; got {weight_shape}."
         )
-    if bias is not None and tuple(bias.shape) != (channels,):
-        raise ValueError(f"Bias must have shape [{channels}], got {tuple(bias.shape)}.")
-    plan = _plan(spatial, _as_kernel_size(tuple(weight.shape[2:]), len(spatial)))
+    if bias_shape is not None and bias_shape != (channels,):
+        raise ValueError(f"Bias must have shape [{channels}], got {bias_shape}.")
+    plan = _plan(spatial, _as_kernel_size(weight_shape[2:], len(spatial)))
     if backend == "auto":
-        requires_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-        backend = choose_backend((x.shape[0], channels, *spatial), plan.kernel, x.device.type, requires_grad)
+        # One sample's shape decides: a batch size that changes (the last batch, torch.compile's dynamic batch axis)
+        # then never switches backends or adds guards on the batch size.
+        backend = choose_backend((1, channels, *spatial), plan.kernel, device_type, requires_grad)
     return plan, backend
