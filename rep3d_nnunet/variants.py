@@ -1,8 +1,9 @@
 """One table of named trainer variants, in nnU-Net's naming (``nnUNetTrainerRep3D_250epochs``).
 
-A trainer name is a method (``METHODS``) optionally followed by a schedule suffix (``SCHEDULES``). The classes are
-generated here and published by ``nnUNet_trainers/nnUNetTrainerRep3D.py``, where nnU-Net's trainer lookup finds
-them through the ``nnUNet_extTrainer`` environment variable.
+A trainer name is a method (``METHODS``) optionally followed by a schedule suffix (``SCHEDULES``), nnU-Net's benchmark
+suffixes included (``nnUNetTrainerRep3DBenchmark_5epochs``). The classes are generated here and published by
+``nnUNet_trainers/nnUNetTrainerRep3D.py``, where nnU-Net's trainer lookup finds them through the
+``nnUNet_extTrainer`` environment variable.
 """
 
 from __future__ import annotations
@@ -10,17 +11,30 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from nnunetv2.training.nnUNetTrainer.variants.benchmarking.nnUNetTrainerBenchmark_5epochs import (
+    nnUNetTrainerBenchmark_5epochs,
+)
+from nnunetv2.training.nnUNetTrainer.variants.benchmarking.nnUNetTrainerBenchmark_5epochs_noDataLoading import (
+    nnUNetTrainerBenchmark_5epochs_noDataLoading,
+)
+
 from .config import Rep3DSettings
 from .training import OptimizerSettings, Rep3DTrainer
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """Training length: epochs, iterations per epoch (None: nnU-Net's 250) and validation iterations."""
+    """Training length: epochs, iterations per epoch (None: nnU-Net's 250) and validation iterations.
+
+    ``loop`` is an nnU-Net trainer whose training loop the variant runs instead of nnUNetTrainer's (nnU-Net's
+    benchmark trainers: no validation or checkpoints, the fastest epoch written to ``benchmark_result.json``); the
+    Rep3D network and optimizer come first in the method resolution order, the loop's overrides after them.
+    """
 
     epochs: int
     iterations_per_epoch: int | None = None
     val_iterations_per_epoch: int | None = None
+    loop: type | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +112,10 @@ SCHEDULES: dict[str, Schedule | None] = {
     **{f"_{n}epoch" + ("s" if n > 1 else ""): Schedule(n) for n in (1, 5, 10, 20, 50, 100, 250, 500, 750, 2000)},
     # CPU-sized: demos and smoke runs on a laptop; 20 epochs x 25 iterations.
     "_quick": Schedule(20, iterations_per_epoch=25, val_iterations_per_epoch=5),
+    # nnU-Net's speed benchmarks under nnU-Net's names (nnUNetTrainerBenchmark_5epochs, ..._noDataLoading), so that
+    # nnUNetTrainerRep3DBenchmark_5epochs writes the same json as nnU-Net's own and epoch times compare directly.
+    "Benchmark_5epochs": Schedule(5, loop=nnUNetTrainerBenchmark_5epochs),
+    "Benchmark_5epochs_noDataLoading": Schedule(5, loop=nnUNetTrainerBenchmark_5epochs_noDataLoading),
 }
 
 
@@ -124,7 +142,8 @@ def make_trainer_class(name: str) -> type[Rep3DTrainer]:
                 "val_iterations_per_epoch_override": schedule.val_iterations_per_epoch,
                 "__doc__": f"{method.description}; {schedule.epochs} epochs.",
             }
-            return type(name, (Rep3DTrainer,), attributes)
+            bases = (Rep3DTrainer,) if schedule.loop is None else (Rep3DTrainer, schedule.loop)
+            return type(name, bases, attributes)
     raise ValueError(
         f"Unknown Rep3D trainer variant {name!r}. Methods: {', '.join(METHODS)}; optional schedule suffixes: "
         f"{', '.join(s for s in SCHEDULES if s)}. Example: nnUNetTrainerRep3D_250epochs."

@@ -157,3 +157,34 @@ def test_resume_restores_the_lrbm_state_exactly(nnunet_tree, monkeypatch):
     trainer.network.eval(), resumed.network.eval()
     with torch.no_grad():
         torch.testing.assert_close(trainer.network(x)[0], resumed.network(x)[0], rtol=0, atol=0)
+
+
+def test_benchmark_trainer_writes_nnunets_benchmark_json(nnunet_tree, monkeypatch):
+    """nnUNetTrainerRep3DBenchmark_5epochs_noDataLoading runs nnU-Net's own benchmark loop and json.
+
+    nnU-Net's benchmark trainers refuse to start without CUDA; on this CPU the CUDA queries they make are answered
+    by stand-ins, and the epochs are shortened, so that nnU-Net's loop and its on_train_end really run.
+    """
+    root, env, dataset = nnunet_tree
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+        monkeypatch.setenv(name, env[name])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "CPU stand-in")
+    from nnunetv2.run.run_training import get_trainer_from_args
+    from nnunetv2.training.nnUNetTrainer.variants.benchmarking.nnUNetTrainerBenchmark_5epochs import (
+        nnUNetTrainerBenchmark_5epochs,
+    )
+
+    name = "nnUNetTrainerRep3DBenchmark_5epochs_noDataLoading"
+    with monkeypatch.context() as construction:  # only the constructor's assertion; torch itself must see no GPU
+        construction.setattr(torch.cuda, "is_available", lambda: True)
+        trainer = get_trainer_from_args(str(DATASET_ID), "3d_fullres", 0, name, PLANS, device=torch.device("cpu"))
+    assert isinstance(trainer, nnUNetTrainerBenchmark_5epochs) and trainer.num_epochs == 5
+    assert any("ModulatedDepthwiseConv" in type(m).__name__ for m in trainer.build_network_architecture(
+        trainer.plans_manager, trainer.configuration_manager, 1, 3, True).modules())
+    trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = 2, 1
+    trainer.run_training()
+    assert not trainer.crashed_with_runtime_error
+    results = json.loads((Path(trainer.output_folder) / "benchmark_result.json").read_text())
+    (entry,) = results.values()
+    assert set(entry) == {"torch_version", "cudnn_version", "gpu_name", "fastest_epoch", "num_gpus", "hostname"}
+    assert entry["gpu_name"] == "CPU stand-in" and entry["num_gpus"] == 1 and entry["fastest_epoch"] > 0
