@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from rep3d_nnunet.cli import main
-from rep3d_nnunet.environment import diagnose, export_lines, report, trainer_folder
+from rep3d_nnunet.environment import check_worker_processes, diagnose, export_lines, report, trainer_folder
 from rep3d_nnunet.export import export_model_folder
 
 
@@ -75,3 +75,11 @@ def test_doctor_names_each_problem_and_its_fix(tmp_path):
     findings = diagnose(environ)
     assert all(f.ok or not f.blocking for f in findings), report(findings)[0]
     assert any("finds nnUNetTrainerRep3D" in f.what for f in findings)
+
+
+def test_doctor_warns_when_nnunets_worker_pools_exceed_the_cores():
+    unset = check_worker_processes({}, cores=2)
+    assert not unset.ok and not unset.blocking and unset.fix == "export nnUNet_def_n_proc=2"
+    assert "not set" in unset.what and "8 worker processes" in unset.what
+    assert check_worker_processes({"nnUNet_def_n_proc": "2"}, cores=2).ok
+    assert not check_worker_processes({"nnUNet_def_n_proc": "16"}, cores=4).ok
