@@ -139,6 +139,55 @@ def child_peak_rss_mb(args, name: str) -> float:
     return float(result.stdout.strip().splitlines()[-1])
 
 
+def measure(device: torch.device, plan: dict, batch: int, variants, modes, repeats: int, warmup: int,
+            child_memory_args=None) -> dict:
+    """{(variant, amp, compiled): (median seconds per iteration, peak MiB or None, seconds of the first call)}.
+
+    ``modes`` are (amp, compiled) pairs; the first call of a compiled variant includes its compilation (forward and
+    backward graphs), so ``first - median`` is the compile time. Variants are interleaved within each repeat. Peak
+    memory is torch.cuda.max_memory_allocated on CUDA; on CPU (eager, no AMP) a child process's peak resident set
+    when ``child_memory_args`` (parsed arguments of this script) is given.
+    """
+    results = {}
+    for amp, compiled in modes:
+        steps, first_call = {}, {}
+        for name in variants:
+            if name.endswith(":direct") and device.type == "cpu" and plan["patch_size"][0] > 32:
+                print(f"skipping {name} at {plan['patch_size']} on CPU: torch's direct 21^3 depthwise backward "
+                      f"takes minutes per iteration (DESIGN.md section 3)")
+                continue
+            network = build(name, plan).to(device)
+            try:
+                steps[name] = make_step(name, network, plan, device, batch, amp, compiled)
+                for i in range(warmup):
+                    started = time.perf_counter()
+                    steps[name]()
+                    if i == 0:
+                        first_call[name] = time.perf_counter() - started
+            except Exception as error:  # noqa: BLE001  report and go on: a benchmark prints what works
+                print(f"{name} amp={amp} compile={compiled}: failed: {type(error).__name__}: {error}")
+                steps.pop(name, None)
+        times = {name: [] for name in steps}
+        peaks = {}
+        for _ in range(repeats):
+            for name, step in steps.items():  # interleaved
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                started = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - started)
+                if device.type == "cuda":
+                    peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated() / 2 ** 20)
+        for name in steps:
+            if device.type == "cpu" and not amp and not compiled and child_memory_args is not None:
+                peaks[name] = child_peak_rss_mb(child_memory_args, name)
+            results[(name, amp, compiled)] = (statistics.median(times[name]), peaks.get(name), first_call.get(name))
+        del steps
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -167,49 +216,20 @@ def main(argv=None):
     print(f"device {device}, patch {plan['patch_size']}, batch {args.batch}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
     print(f"plan: features {plan['arch']['features_per_stage']}, strides {plan['arch']['strides']}")
-    results = {}
-    for amp, compiled in modes:
-        steps = {}
-        for name in args.variants:
-            if name.endswith(":direct") and device.type == "cpu" and args.patch > 32:
-                print(f"skipping {name} at {args.patch}^3 on CPU: torch's direct 21^3 depthwise backward takes "
-                      f"minutes per iteration (DESIGN.md section 3)")
-                continue
-            network = build(name, plan).to(device)
-            try:
-                steps[name] = make_step(name, network, plan, device, args.batch, amp, compiled)
-                for _ in range(args.warmup):
-                    steps[name]()
-            except Exception as error:  # noqa: BLE001  report and go on: a benchmark prints what works
-                print(f"{name} amp={amp} compile={compiled}: failed: {type(error).__name__}: {error}")
-                steps.pop(name, None)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times = {name: [] for name in steps}
-        peaks = {}
-        for _ in range(args.repeats):
-            for name, step in steps.items():  # interleaved
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                started = time.perf_counter()
-                step()
-                times[name].append(time.perf_counter() - started)
-                if device.type == "cuda":
-                    peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated() / 2 ** 20)
-        for name in steps:
-            if device.type == "cpu" and not amp and not compiled:
-                peaks[name] = child_peak_rss_mb(args, name)
-            results[(name, amp, compiled)] = (statistics.median(times[name]), peaks.get(name))
+    results = measure(device, plan, args.batch, args.variants, modes, args.repeats, args.warmup, args)
     base = {(amp, c): results[("nnunet", amp, c)] for (n, amp, c) in results if n == "nnunet"}
     unit, scale = ("ms", 1e3) if device.type == "cuda" else ("s", 1.0)
-    print(f"\n| variant | amp | compile | iteration ({unit}, median) | x nnU-Net | peak memory (MiB) | x nnU-Net |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for (name, amp, compiled), (seconds, peak) in results.items():
-        ref_seconds, ref_peak = base.get((amp, compiled), (None, None))
+    print(f"\n| variant | amp | compile | iteration ({unit}, median) | x nnU-Net | peak memory (MiB) | x nnU-Net "
+          f"| first call ({unit}) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (name, amp, compiled), (seconds, peak, first) in results.items():
+        ref_seconds, ref_peak, _ = base.get((amp, compiled), (None, None, None))
         time_ratio = f"{seconds / ref_seconds:.2f}" if ref_seconds else "-"
         peak_text = f"{peak:.0f}" if peak else "-"
         peak_ratio = f"{peak / ref_peak:.2f}" if peak and ref_peak else "-"
-        print(f"| {name} | {amp} | {compiled} | {seconds * scale:.3g} | {time_ratio} | {peak_text} | {peak_ratio} |")
+        first_text = f"{first * scale:.3g}" if first is not None else "-"
+        print(f"| {name} | {amp} | {compiled} | {seconds * scale:.3g} | {time_ratio} | {peak_text} | {peak_ratio} "
+              f"| {first_text} |")
     for name in args.variants:
         if name.startswith("rep3d"):
             seconds = mask_seconds(build(name, plan).to(device), device, args.repeats)

@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/bench_ops.py [--device cuda] [--repeats N] [--max-direct-seconds S] [--amp]
-    python benchmarks/bench_ops.py --calibrate      # refit the CPU cost-model constants of ops.py
+    python benchmarks/bench_ops.py --calibrate [--device cuda]   # refit the cost-model constants of ops.py
 
 Method: one process; per input shape the same input tensor and, per kernel size, the same weights for every variant;
 variants interleaved within each repeat; warm-up first (cuFFT plans, cudnn.benchmark, allocator); medians. CUDA
@@ -133,8 +133,9 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def calibrate(repeats: int) -> None:
-    """Fits ops' CPU constants: seconds = a * work + overhead (overhead from a tiny case, a as a geometric mean)."""
+def calibrate(repeats: int, device: torch.device = torch.device("cpu")) -> dict:
+    """Fits ops' cost-model constants for a device: seconds = a * work + overhead (overhead from a tiny case, a as a
+    geometric mean). Returns {(backend, requires_grad): (a, overhead)} and prints the fit per case."""
     cases = [
         ((1, 16, 16, 16, 16), 5), ((1, 16, 16, 16, 16), 7), ((1, 16, 16, 16, 16), 9), ((1, 32, 24, 24, 24), 5),
         ((1, 32, 24, 24, 24), 7), ((1, 32, 32, 32, 32), 5), ((1, 32, 32, 32, 32), 7), ((1, 8, 32, 32, 32), 13),
@@ -146,10 +147,11 @@ def calibrate(repeats: int) -> None:
         for backend in ("direct", "fft"):
             rows = []
             for shape, k in [tiny] + cases:
-                if backend == "direct" and grad and shape[0] * shape[1] * math.prod(shape[2:]) * k ** 3 > 1.5e9:
+                too_slow = shape[0] * shape[1] * math.prod(shape[2:]) * k ** 3 > 1.5e9
+                if backend == "direct" and grad and too_slow and device.type == "cpu":
                     continue
-                x = torch.randn(*shape, requires_grad=grad)
-                w = torch.randn(shape[1], 1, k, k, k, requires_grad=grad)
+                x = torch.randn(*shape, device=device, requires_grad=grad)
+                w = torch.randn(shape[1], 1, k, k, k, device=device, requires_grad=grad)
 
                 def step():
                     if grad:
@@ -157,10 +159,11 @@ def calibrate(repeats: int) -> None:
                     else:
                         with torch.no_grad():
                             ops.depthwise_conv(x, w, None, backend)
+                    _sync(device)
 
                 plan = ops._plan(tuple(shape[2:]), (k,) * 3)
                 points = math.prod(plan.fft_shape())
-                work = (shape[0] * shape[1] * math.prod(shape[2:]) * math.prod(2 * r + 1 for r in plan.radii)
+                work = (shape[0] * shape[1] * math.prod(shape[2:]) * math.prod([2 * r + 1 for r in plan.radii])
                         if backend == "direct" else shape[0] * shape[1] * points * math.log2(points))
                 rows.append((shape, k, work, _median_time(step, repeats)))
             overhead = rows[0][3]
@@ -169,6 +172,7 @@ def calibrate(repeats: int) -> None:
             print(f"{backend:>6} grad={grad!s:5} a={per_unit:.3g} s/unit overhead={overhead * 1e3:.2f} ms")
             for shape, k, work, t in rows[1:]:
                 print(f"    {shape} k={k}: {t:.4f} s, model {per_unit * work + overhead:.4f} s")
+    return results
 
 
 def main() -> None:
@@ -183,12 +187,13 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES),
                         help="comma-separated NxCxD inputs [N, C, D, D, D], default %(default)s")
     parser.add_argument("--kernels", default=",".join(map(str, KERNELS)), help="default %(default)s")
-    parser.add_argument("--calibrate", action="store_true", help="fit the CPU cost-model constants instead")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="fit the cost-model constants of --device instead (ops._by_key)")
     args = parser.parse_args()
-    if args.calibrate:
-        calibrate(max(args.repeats, 1))
-        return
     device = torch.device(args.device)
+    if args.calibrate:
+        calibrate(max(args.repeats, 1), device)
+        return
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     amp_modes = (False, True) if (args.amp or device.type == "cuda") else (False,)

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(command if command in _LIBRARY_COMMANDS else "").parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError) as error:
         print(f"rep3d-nnunet {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,6 +1,11 @@
 """Deploy folding: turn a trained Rep3D network, or a whole nnU-Net model folder, into plain convolutions.
 
-After folding no generator, prior, beta or CSLA small branch remains; the logits are unchanged.
+After folding no generator, prior, beta or CSLA small branch remains; the logits are unchanged. An exported model
+folder needs nothing but this package: its plans describe the folded network (``architecture.network_class_name``
+is our network's dotted path, its ``arch_kwargs`` the deploy form) and its checkpoints name nnU-Net's default
+trainer, whose ``build_network_architecture`` builds that network through ``pydoc.locate``. So ``nnUNetv2_predict``,
+``nnUNetv2_export_model_to_zip`` and ``nnUNetv2_install_pretrained_model_from_zip`` work on it without
+``nnUNet_extTrainer``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from .model_folder import CHECKPOINT_PATTERN, ModelFolder, ModelFolderError, find_trainer_class
+
+# The trainer an exported checkpoint names: nnU-Net's own, found without nnUNet_extTrainer.
+DEPLOY_TRAINER = "nnUNetTrainer"
 
 
 def fold(network: nn.Module) -> nn.Module:
@@ -46,8 +56,6 @@ def count_parameters(network: nn.Module) -> int:
 
 # ---- model-folder export ----
 
-CHECKPOINT_PATTERN = "checkpoint_*.pth"
-
 
 @dataclass
 class CheckpointReport:
@@ -58,53 +66,6 @@ class CheckpointReport:
     parameters_before: int
     parameters_after: int
     max_relative_logit_difference: float
-
-
-def _find_checkpoints(model_folder: Path) -> list[Path]:
-    return sorted(p for fold in model_folder.glob("fold_*") if fold.is_dir() for p in fold.glob(CHECKPOINT_PATTERN))
-
-
-def check_model_folder(model_folder: Path) -> list[Path]:
-    """Returns the checkpoints of an nnU-Net model folder.
-
-    Raises:
-        FileNotFoundError: not a folder, dataset.json/plans.json missing, or no fold_*/checkpoint_*.pth inside.
-    """
-    if not model_folder.is_dir():
-        raise FileNotFoundError(f"Model folder {model_folder} does not exist.")
-    missing = [name for name in ("dataset.json", "plans.json") if not (model_folder / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{model_folder} is not an nnU-Net model folder: {', '.join(missing)} missing. Give the folder that "
-            f"nnUNetv2_train wrote, e.g. $nnUNet_results/DatasetXXX_Name/nnUNetTrainerRep3D__nnUNetPlans__3d_fullres."
-        )
-    checkpoints = _find_checkpoints(model_folder)
-    if not checkpoints:
-        raise FileNotFoundError(
-            f"{model_folder} has no checkpoints (fold_*/{CHECKPOINT_PATTERN}). Train at least one fold first "
-            f"(nnUNetv2_train DATASET CONFIGURATION FOLD -tr nnUNetTrainerRep3D)."
-        )
-    return checkpoints
-
-
-def build_network_for_checkpoint(model_folder: Path, checkpoint: dict) -> nn.Module:
-    """The (unfolded) network nnU-Net's predictor would build for this checkpoint, weights loaded, eval mode."""
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    plans_manager = PlansManager(json.loads((model_folder / "plans.json").read_text()))
-    dataset_json = json.loads((model_folder / "dataset.json").read_text())
-    configuration_manager = plans_manager.get_configuration(checkpoint["init_args"]["configuration"])
-    trainer_class = recursive_find_trainer_class_by_name(checkpoint["trainer_name"])
-    network = trainer_class.build_network_architecture(
-        plans_manager, configuration_manager,
-        determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
-        plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
-        enable_deep_supervision=False,
-    )
-    network.load_state_dict(checkpoint["network_weights"])
-    return network.eval()
 
 
 def _verification_input(network: nn.Module, num_input_channels: int, patch_size: list[int]) -> torch.Tensor:
@@ -118,70 +79,136 @@ def _verification_input(network: nn.Module, num_input_channels: int, patch_size:
     return torch.randn(1, num_input_channels, *size, generator=torch.Generator().manual_seed(0))
 
 
-def fold_checkpoint(model_folder: Path, checkpoint_path: Path, tolerance: float = 1e-4) -> tuple[dict, CheckpointReport]:
-    """Loads a training checkpoint, folds its network and checks the logits did not change.
+def _plain(value):
+    """Numpy scalars and arrays as Python numbers and lists: what a weights-only load accepts."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
 
-    Returns:
-        The deployable checkpoint (folded weights, no optimizer state) and a report.
+
+def deploy_plans(folder: ModelFolder, checkpoint: dict, trainer_class: type, plans_name: str | None) -> dict:
+    """The folder's plans with the checkpoint's configuration describing the folded network.
 
     Raises:
-        RuntimeError: the folded network's logits differ by more than ``tolerance`` (relative).
+        ModelFolderError: the trainer has no deploy form (it is not a Rep3D trainer: nothing to fold).
     """
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    network = build_network_for_checkpoint(model_folder, checkpoint)
-    plans = json.loads((model_folder / "plans.json").read_text())
-    patch_size = plans["configurations"][checkpoint["init_args"]["configuration"]]["patch_size"]
+    if not callable(getattr(trainer_class, "deploy_architecture", None)):
+        raise ModelFolderError(
+            f"{folder.path} is not a Rep3D model folder: its trainer {checkpoint['trainer_name']} builds a network "
+            f"without a training-only form, so there is nothing to fold. Export folders trained with a Rep3D "
+            f"trainer (rep3d-nnunet trainers lists them); nnU-Net's own models deploy as they are."
+        )
+    plans = copy.deepcopy(folder.plans)
+    configuration = checkpoint["init_args"]["configuration"]
+    plans["configurations"][configuration]["architecture"] = trainer_class.deploy_architecture(
+        folder.plans_manager, folder.configuration_manager(checkpoint))
+    if plans_name:
+        plans["plans_name"] = plans_name
+    return plans
+
+
+def fold_checkpoint(folder: ModelFolder, checkpoint_path: Path, plans: dict, tolerance: float = 1e-4
+                    ) -> tuple[dict, CheckpointReport]:
+    """Folds one training checkpoint and checks the network nnU-Net will build from ``plans`` gives its logits.
+
+    Returns:
+        The deployable checkpoint (folded weights, nnU-Net's default trainer name, no optimizer state, plain types
+        only) and a report.
+
+    Raises:
+        ModelFolderError: the checkpoint is unreadable, already exported, does not fit the plans, or the deployed
+            network's logits differ by more than ``tolerance`` (relative).
+    """
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    checkpoint = folder.load_checkpoint(checkpoint_path)
+    if checkpoint.get("rep3d_folded"):
+        raise ModelFolderError(f"{checkpoint_path} is already exported (folded); {folder.path} needs no export. "
+                               f"Export the training folder it came from instead.")
+    network = folder.load_network(checkpoint, checkpoint_path)
+    configuration_name = checkpoint["init_args"]["configuration"]
+    deploy_manager = PlansManager(plans)
+    deployed = nnUNetTrainer.build_network_architecture(
+        deploy_manager, deploy_manager.get_configuration(configuration_name), folder.num_input_channels(checkpoint),
+        folder.label_manager.num_segmentation_heads, enable_deep_supervision=False)
+    patch_size = folder.configuration_manager(checkpoint).patch_size
     first_conv = next(m for m in network.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)))
     x = _verification_input(network, first_conv.in_channels, patch_size)
     parameters_before = count_parameters(network)
     with torch.no_grad():
         reference = network(x)
         fold(network)
-        folded = network(x)
-    difference = ((folded - reference).norm() / reference.norm().clamp_min(1e-12)).item()
+        deployed.load_state_dict(network.state_dict())  # strict: the deploy form has exactly the folded parameters
+        output = deployed.eval()(x)
+    difference = ((output - reference).norm() / reference.norm().clamp_min(1e-12)).item()
     if not difference <= tolerance:
-        raise RuntimeError(
-            f"Folding {checkpoint_path} changed the logits by {difference:.2e} (relative), above {tolerance:.0e}. "
-            f"Nothing was written."
-        )
-    deployable = {k: v for k, v in checkpoint.items() if k not in ("optimizer_state", "grad_scaler_state")}
-    deployable["optimizer_state"] = None
-    deployable["grad_scaler_state"] = None
-    deployable["network_weights"] = network.state_dict()
-    deployable["rep3d_folded"] = True
-    report = CheckpointReport(str(checkpoint_path.relative_to(model_folder)), checkpoint["trainer_name"],
-                              parameters_before, count_parameters(network), difference)
+        raise ModelFolderError(f"Folding {checkpoint_path} changed the logits by {difference:.2e} (relative), above "
+                               f"{tolerance:.0e}. Nothing was written.")
+    deployable = {
+        "network_weights": deployed.state_dict(),
+        "optimizer_state": None,
+        "grad_scaler_state": None,
+        "logging": _plain(checkpoint.get("logging")),
+        "_best_ema": _plain(checkpoint.get("_best_ema")),
+        "current_epoch": _plain(checkpoint.get("current_epoch")),
+        "init_args": {**_plain(checkpoint["init_args"]), "plans": plans},
+        "trainer_name": DEPLOY_TRAINER,
+        "inference_allowed_mirroring_axes": _plain(checkpoint.get("inference_allowed_mirroring_axes")),
+        "rep3d_folded": True,
+        "rep3d_trainer_name": checkpoint["trainer_name"],
+    }
+    report = CheckpointReport(str(checkpoint_path.relative_to(folder.path)), checkpoint["trainer_name"],
+                              parameters_before, count_parameters(deployed), difference)
     return deployable, report
 
 
-def export_model_folder(model_folder: str | Path, output_folder: str | Path) -> list[CheckpointReport]:
-    """Writes a copy of an nnU-Net model folder whose checkpoints hold folded weights.
+def _plans_name_of(output_folder: Path) -> str | None:
+    parts = output_folder.name.split("__")
+    return parts[1] if len(parts) == 3 else None
 
-    Everything else (plans, dataset.json, validation results, progress plots) is copied unchanged, so the output is
-    a regular nnU-Net model folder: ``nnUNetv2_predict_from_modelfolder``, ``nnUNetv2_predict`` (when it sits in
-    nnUNet_results) and ``nnUNetv2_export_model_to_zip`` work on it. The folder is written under a temporary name
-    and renamed at the end, so a failure never leaves a half-written model folder.
+
+def export_model_folder(model_folder: str | Path, output_folder: str | Path) -> list[CheckpointReport]:
+    """Writes a copy of an nnU-Net model folder that holds the folded network: plans and checkpoints.
+
+    Everything else (dataset.json, validation results, progress plots) is copied unchanged, so the output is a
+    regular nnU-Net model folder that predicts without ``nnUNet_extTrainer`` (see the module docstring). The folder is
+    written under a temporary name and renamed at the end, so a failure never leaves a half-written model folder.
 
     Raises:
         FileNotFoundError: the input is not a model folder or has no checkpoints.
         FileExistsError: the output folder already exists.
+        ModelFolderError: see ``fold_checkpoint`` and ``deploy_plans``; checkpoints of different configurations.
     """
     model_folder, output_folder = Path(model_folder).resolve(), Path(output_folder).resolve()
-    checkpoints = check_model_folder(model_folder)
+    folder = ModelFolder.open(model_folder)
     if output_folder.exists():
-        raise FileExistsError(
-            f"Output folder {output_folder} already exists. Choose another --output or remove it first; "
-            f"export never overwrites a model folder."
-        )
+        raise FileExistsError(f"Output folder {output_folder} already exists. Choose another --output or remove it "
+                              f"first; export never overwrites a model folder.")
     if output_folder == model_folder or model_folder in output_folder.parents:
-        raise ValueError(f"The output folder {output_folder} must lie outside the model folder {model_folder}.")
+        raise ModelFolderError(f"The output folder {output_folder} must lie outside the model folder {model_folder}.")
+    first = folder.load_checkpoint(folder.checkpoints[0])
+    if first.get("rep3d_folded"):
+        raise ModelFolderError(f"{folder.checkpoints[0]} is already exported (folded); {folder.path} needs no "
+                               f"export. Export the training folder it came from instead.")
+    plans = deploy_plans(folder, first, find_trainer_class(first["trainer_name"]), _plans_name_of(output_folder))
     output_folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_folder.name}.partial-", dir=output_folder.parent))
     try:
         shutil.copytree(model_folder, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(CHECKPOINT_PATTERN))
+        (staging / "plans.json").write_text(json.dumps(plans, indent=4))
         reports = []
-        for checkpoint_path in checkpoints:
-            deployable, report = fold_checkpoint(model_folder, checkpoint_path)
+        for checkpoint_path in folder.checkpoints:
+            deployable, report = fold_checkpoint(folder, checkpoint_path, plans)
+            if deployable["init_args"]["configuration"] != first["init_args"]["configuration"]:
+                raise ModelFolderError(f"{checkpoint_path} was trained on another configuration than "
+                                       f"{folder.checkpoints[0]}; a model folder holds one configuration.")
             torch.save(deployable, staging / checkpoint_path.relative_to(model_folder))
             reports.append(report)
         staging.rename(output_folder)
@@ -197,23 +224,26 @@ def default_export_folder(model_folder: str | Path) -> Path:
     model_folder = Path(model_folder).resolve()
     parts = model_folder.name.split("__")
     if len(parts) != 3:
-        raise ValueError(f"Cannot derive an output name from {model_folder}; pass --output.")
+        raise ModelFolderError(f"Cannot derive an output name from {model_folder.name} (nnU-Net names model folders "
+                               f"Trainer__Plans__configuration); pass --output.")
     trainer, plans, configuration = parts
     return model_folder.with_name(f"{trainer}__{plans}_folded__{configuration}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``rep3d-nnunet export MODEL_FOLDER [-o OUTPUT]``."""
-    parser.add_argument("model_folder")
+    parser.add_argument("model_folder", help="trained model folder (Trainer__Plans__configuration with fold_*/ "
+                                             "inside), as nnUNetv2_train wrote it")
     parser.add_argument("-o", "--output", default=None,
                         help="new model folder (default: beside the input, plans part suffixed _folded)")
 
 
 def run_from_args(args: argparse.Namespace) -> str:
     """Exports the model folder named by parsed :func:`add_arguments` flags; returns what was folded, per checkpoint."""
-    check_model_folder(Path(args.model_folder).resolve())  # a missing folder is named before its output is derived
+    ModelFolder.open(Path(args.model_folder).resolve())  # a missing folder is named before its output is derived
     output = Path(args.output) if args.output else default_export_folder(args.model_folder)
     reports = export_model_folder(args.model_folder, output)
     lines = [f"{r.path}: {r.parameters_before:,} parameters -> {r.parameters_after:,} after folding "
              f"(logits differ by {r.max_relative_logit_difference:.1e} relative)" for r in reports]
-    return "\n".join(lines + [f"Exported {len(reports)} checkpoint(s) to {output}"])
+    return "\n".join(lines + [f"Exported {len(reports)} checkpoint(s) to {output}; it predicts with nnU-Net's own "
+                              f"commands, without nnUNet_extTrainer."])

@@ -22,20 +22,19 @@ def predict_from_model_folder(input_folder: str | Path, output_folder: str | Pat
 
     Raises:
         FileNotFoundError: the model folder or a requested fold's checkpoint is missing, or the input folder is.
+        ModelFolderError: a checkpoint is unreadable or does not belong to the folder's plans.
     """
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from .export import check_model_folder
+    from .model_folder import ModelFolder
     from .preprocessing import Rep3DConfigurationManager
 
-    model_folder, input_folder = Path(model_folder), Path(input_folder)
-    checkpoints = check_model_folder(model_folder)
-    missing = [f for f in folds if not (model_folder / f"fold_{f}" / checkpoint).is_file()]
-    if missing:
-        available = sorted({p.parent.name for p in checkpoints})
-        raise FileNotFoundError(f"{model_folder} has no {checkpoint} for fold(s) {missing}; folds with checkpoints: "
-                                f"{', '.join(available)}. Pass -f with those folds or train the missing ones.")
+    folder = ModelFolder.open(model_folder)
+    folder.check_folds(folds, checkpoint)
+    for fold in folds:  # each readable and belonging to these plans, before nnU-Net's predictor loads them
+        folder.load_checkpoint(folder.checkpoint_path(fold, checkpoint))
+    input_folder = Path(input_folder)
     if not input_folder.is_dir():
         raise FileNotFoundError(f"Input folder {input_folder} does not exist.")
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring,

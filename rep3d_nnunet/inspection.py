@@ -33,10 +33,9 @@ from matplotlib.patches import Circle
 from torch import nn
 
 from .blocks import ModulatedDepthwiseConv
-from .export import build_network_for_checkpoint, check_model_folder
+from .model_folder import DEFAULT_CHECKPOINT, ModelFolder, ModelFolderError, find_trainer_class
 from .modulation import DistancePrior
 
-DEFAULT_CHECKPOINT = "checkpoint_final.pth"
 ERF_MASS_FRACTION = 0.9
 DEVICES = ("auto", "cpu", "cuda")
 WHAT_A_REP3D_MODEL_FOLDER_IS = (
@@ -54,8 +53,9 @@ class Rep3DModel:
     """A Rep3D network loaded from a model folder, with what rebuilding it untrained needs.
 
     Attributes:
-        folder: the model folder.
+        folder: the opened model folder.
         checkpoint_path: the checkpoint the weights come from.
+        checkpoint: its content.
         network: the network nnU-Net's predictor would build, weights loaded, eval mode, no deep supervision.
         convs: its modulated large depthwise convolutions, in module order.
         folded: whether the checkpoint holds folded (exported) weights.
@@ -63,123 +63,59 @@ class Rep3DModel:
         patch_size: that configuration's patch size.
         num_input_channels: input channels of the network.
         output_channel: the logit channel of the first foreground class (1; 0 for region-based models).
-        trainer_class: the trainer that builds the network from the plans.
-        build_args: positional arguments of ``trainer_class.build_network_architecture`` (deep supervision off).
+        training_trainer: the trainer that trained it (for an exported folder the one recorded at export), which
+            rebuilds the untrained training-form network from the plans.
     """
 
-    folder: Path
+    folder: ModelFolder
     checkpoint_path: Path
-    network: nn.Module
-    convs: list[ModulatedDepthwiseConv]
+    checkpoint: dict = field(repr=False)
+    network: nn.Module = field(repr=False)
+    convs: list[ModulatedDepthwiseConv] = field(repr=False)
     folded: bool
     configuration: str
     patch_size: list[int]
     num_input_channels: int
     output_channel: int
-    trainer_class: type
-    build_args: tuple = field(repr=False)
-
-
-def _fold_order(path: Path) -> tuple:
-    suffix = path.parent.name.removeprefix("fold_")
-    return (0, int(suffix), "") if suffix.isdigit() else (1, 0, suffix)
-
-
-def find_checkpoint(model_folder: str | Path, fold: str | int | None = None,
-                    checkpoint_name: str = DEFAULT_CHECKPOINT) -> Path:
-    """The checkpoint ``fold_<fold>/<checkpoint_name>`` of a model folder; without a fold, the lowest fold that has it.
-
-    Raises:
-        FileNotFoundError: not an nnU-Net model folder (see ``export.check_model_folder``), or no such checkpoint;
-            the message lists the checkpoints that exist.
-    """
-    model_folder = Path(model_folder)
-    checkpoints = check_model_folder(model_folder)
-    matching = [p for p in checkpoints
-                if p.name == checkpoint_name and (fold is None or p.parent.name == f"fold_{fold}")]
-    if not matching:
-        wanted = f"fold_{fold}/{checkpoint_name}" if fold is not None else f"fold_*/{checkpoint_name}"
-        existing = ", ".join(str(p.relative_to(model_folder)) for p in checkpoints)
-        raise FileNotFoundError(f"{model_folder} has no {wanted}. Checkpoints there: {existing}. "
-                                f"Choose one with --fold and --checkpoint.")
-    return min(matching, key=_fold_order)
+    training_trainer: type
 
 
 def load_rep3d_model(model_folder: str | Path, fold: str | int | None = None,
                      checkpoint_name: str = DEFAULT_CHECKPOINT) -> Rep3DModel:
     """Builds the network of a trained or exported Rep3D model folder on the CPU, as nnU-Net's predictor would.
 
-    The trainer named in the checkpoint is looked up the way nnU-Net does, so ``nnUNet_extTrainer`` must list the
-    Rep3D trainer folder (``eval "$(rep3d-nnunet env)"``).
-
     Raises:
         FileNotFoundError: not an nnU-Net model folder, or the checkpoint does not exist.
-        ValueError: the checkpoint is not an nnU-Net checkpoint, its trainer cannot be found, its weights do not fit
-            the network its trainer builds, or the network has no Rep3D (modulated depthwise) convolutions.
+        ModelFolderError: the checkpoint is unreadable or not nnU-Net's, its trainer cannot be found, its weights do
+            not fit the network its trainer builds, or the network has no Rep3D (modulated depthwise) convolutions.
     """
-    model_folder = Path(model_folder)
-    path = find_checkpoint(model_folder, fold, checkpoint_name)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    missing = [k for k in ("network_weights", "init_args", "trainer_name") if k not in checkpoint]
-    if missing:
-        raise ValueError(f"{path} is not an nnU-Net checkpoint (keys {missing} missing). "
-                         f"{WHAT_A_REP3D_MODEL_FOLDER_IS}")
-    trainer_class, build_args, output_channel, patch_size = _plans_context(model_folder, checkpoint)
-    try:
-        network = build_network_for_checkpoint(model_folder, checkpoint)
-    except RuntimeError as error:
-        if "state_dict" not in str(error):
-            raise
-        # load_state_dict's mismatch report: the trainer builds something else than what was trained.
-        raise ValueError(f"The weights in {path} do not fit the network that {checkpoint['trainer_name']} builds "
-                         f"from {model_folder / 'plans.json'}: {str(error)[:500]}") from error
+    folder = ModelFolder.open(model_folder)
+    path = folder.checkpoint_path(fold, checkpoint_name)
+    checkpoint = folder.load_checkpoint(path)
+    network = folder.load_network(checkpoint, path)
     convs = [m for m in network.modules() if isinstance(m, ModulatedDepthwiseConv)]
     if not convs:
-        raise ValueError(
-            f"{model_folder} is not a Rep3D model folder: the network that {checkpoint['trainer_name']} builds "
+        raise ModelFolderError(
+            f"{folder.path} is not a Rep3D model folder: the network that {checkpoint['trainer_name']} builds "
             f"({type(network).__name__}) has no Rep3D large-kernel convolutions (ModulatedDepthwiseConv). "
             f"{WHAT_A_REP3D_MODEL_FOLDER_IS}"
         )
     # ``rep3d_folded`` is export's mark; mode-none kernels load as "folded" either way, so they cannot tell.
     folded = bool(checkpoint.get("rep3d_folded")) or any(c.is_folded and c.modulation_mode != "none" for c in convs)
-    return Rep3DModel(model_folder, path, network, convs, folded,
-                      checkpoint["init_args"]["configuration"], list(patch_size), build_args[2], output_channel,
-                      trainer_class, build_args)
-
-
-def _plans_context(model_folder: Path, checkpoint: dict) -> tuple[type, tuple, int, list[int]]:
-    """(trainer class, build_network_architecture arguments, first foreground channel, patch size) of a checkpoint."""
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    plans_manager = PlansManager(json.loads((model_folder / "plans.json").read_text()))
-    dataset_json = json.loads((model_folder / "dataset.json").read_text())
-    configuration_manager = plans_manager.get_configuration(checkpoint["init_args"]["configuration"])
-    try:
-        trainer_class = recursive_find_trainer_class_by_name(checkpoint["trainer_name"])
-    except RuntimeError as error:
-        raise ValueError(
-            f"nnU-Net cannot find the trainer {checkpoint['trainer_name']!r} that wrote {model_folder}. For Rep3D "
-            f"trainers register the trainer folder first: eval \"$(rep3d-nnunet env)\". {WHAT_A_REP3D_MODEL_FOLDER_IS}"
-        ) from error
-    label_manager = plans_manager.get_label_manager(dataset_json)
-    build_args = (plans_manager, configuration_manager,
-                  determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
-                  label_manager.num_segmentation_heads, False)
+    training_trainer = find_trainer_class(checkpoint.get("rep3d_trainer_name", checkpoint["trainer_name"]))
     # Region-based models have no background channel; otherwise channel 0 is the background.
-    output_channel = 0 if label_manager.has_regions else 1
-    return trainer_class, build_args, output_channel, list(configuration_manager.patch_size)
+    output_channel = 0 if folder.label_manager.has_regions else 1
+    return Rep3DModel(folder, path, checkpoint, network, convs, folded, checkpoint["init_args"]["configuration"],
+                      list(folder.configuration_manager(checkpoint).patch_size), folder.num_input_channels(checkpoint),
+                      output_channel, training_trainer)
 
 
 def build_untrained_network(model: Rep3DModel, seed: int = 0) -> nn.Module:
-    """The same architecture, freshly initialised by the model's trainer class with a fixed seed, in eval mode.
-
-    The global RNG state is left as it was.
-    """
+    """The training-form architecture, freshly initialised by the trainer that trained it with a fixed seed, in eval
+    mode. The global RNG state is left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        network = model.trainer_class.build_network_architecture(*model.build_args)
+        network = model.folder.build_network(model.checkpoint, model.training_trainer)
     return network.eval()
 
 
@@ -401,7 +337,7 @@ def write_masks(model_folder: str | Path, output_folder: str | Path | None = Non
     output = Path(output_folder) if output_folder is not None else default_output_folder("masks", model_folder)
     output.mkdir(parents=True, exist_ok=True)
     kernels = block_kernels(model.network)
-    source = f"{model.folder.resolve().name} / {model.checkpoint_path.relative_to(model.folder)}"
+    source = f"{model.folder.path.resolve().name} / {model.checkpoint_path.relative_to(model.folder.path)}"
     figure = plot_block_kernels(kernels, output / "masks.png", f"Rep3D modulation masks (channel mean): {source}")
     rows = [k.summary() for k in kernels]
     csv_path = output / "masks.csv"
@@ -412,7 +348,8 @@ def write_masks(model_folder: str | Path, output_folder: str | Path | None = Non
             writer.writerow({**row, "kernel_size": "x".join(map(str, row["kernel_size"]))})
     json_path = output / "masks.json"
     json_path.write_text(json.dumps({
-        "model_folder": str(model.folder.resolve()), "checkpoint": str(model.checkpoint_path.relative_to(model.folder)),
+        "model_folder": str(model.folder.path.resolve()),
+        "checkpoint": str(model.checkpoint_path.relative_to(model.folder.path)),
         "folded": model.folded, "blocks": rows,
     }, indent=2))
     return MasksReport(figure, csv_path, json_path, rows, model.folded)
@@ -620,7 +557,7 @@ def write_erf(model_folder: str | Path, output_folder: str | Path | None = None,
         erfs[label] = effective_receptive_field(network.to(run_on), input_shape, num_inputs, seed, model.output_channel)
         network.cpu()
         radius[label] = erf_radius(erfs[label], fraction)
-    source = f"{model.folder.resolve().name} / {model.checkpoint_path.relative_to(model.folder)}"
+    source = f"{model.folder.path.resolve().name} / {model.checkpoint_path.relative_to(model.folder.path)}"
     if model.folded:
         source += " (exported, folded)"
     title = (f"Effective receptive field, logit of output channel {model.output_channel} at the central voxel, "
@@ -629,7 +566,8 @@ def write_erf(model_folder: str | Path, output_folder: str | Path | None = None,
     figure = plot_erfs(erfs, radius, output / "erf.png", title, fraction)
     json_path = output / "erf.json"
     json_path.write_text(json.dumps({
-        "model_folder": str(model.folder.resolve()), "checkpoint": str(model.checkpoint_path.relative_to(model.folder)),
+        "model_folder": str(model.folder.path.resolve()),
+        "checkpoint": str(model.checkpoint_path.relative_to(model.folder.path)),
         "folded": model.folded, "configuration": model.configuration, "input_size": size,
         "num_input_channels": model.num_input_channels, "num_inputs": num_inputs, "seed": seed,
         "output_channel": model.output_channel,

@@ -166,19 +166,16 @@ def plan_and_preprocess(dataset_id: int, gpu_memory_gb: float = 8.0, plans_name:
     from pathlib import Path
 
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, preprocess_dataset
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
+    from .nnunet_paths import nnunet_folder, raw_dataset
     from .preprocessing import Rep3DPaperPreprocessor, paper_preset
 
     if gpu_memory_gb <= 0:
         raise ValueError(f"--gpu-memory-gb must be positive, got {gpu_memory_gb}.")
     if preset is not None:
         paper_preset(preset)  # an unknown name fails before any work
-    if not nnUNet_preprocessed:
-        raise ValueError("nnUNet_preprocessed is not set; run 'rep3d-nnunet doctor' to see what is missing.")
-    dataset_name = maybe_convert_to_dataset_name(dataset_id)
-    preprocessed = Path(nnUNet_preprocessed) / dataset_name
+    dataset_name = raw_dataset(dataset_id).name  # nnUNet_raw set, and the dataset there
+    preprocessed = nnunet_folder("nnUNet_preprocessed") / dataset_name
     if not (preprocessed / "dataset_fingerprint.json").is_file():
         extract_fingerprints([dataset_id], num_processes=num_processes, check_dataset_integrity=True)
     if preset is None:

@@ -31,6 +31,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
+from .nnunet_paths import dataset_folder as _dataset_folder
+from .nnunet_paths import nnunet_folder
+
 DEFAULT_PLANS = "nnUNetPlans"
 DEFAULT_CONFIGURATION = "3d_fullres"
 NO_PAPER_TABLE = "none"
@@ -266,40 +269,13 @@ def results_root(results_dir: str | Path | None = None) -> Path:
         ValueError: neither is set.
         FileNotFoundError: the folder does not exist.
     """
-    value = results_dir if results_dir is not None else os.environ.get("nnUNet_results")
-    if not value:
-        raise ValueError("nnUNet_results is not set: export nnUNet_results=/path/to/nnUNet_results (the folder "
-                         "nnUNetv2_train wrote the trained models to), or pass --summary with one summary.json "
-                         "per trainer")
-    root = Path(value).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"nnUNet_results={root} does not exist: point it at the folder nnUNetv2_train "
-                                "wrote the trained models to")
-    return root
+    return nnunet_folder("nnUNet_results", results_dir, hint=", or pass --summary with one summary.json per trainer")
 
 
-def dataset_folder(root: Path, dataset: str | int) -> Path:
-    """The ``DatasetXXX_Name`` folder under ``root`` for a dataset id (``4``, ``"004"``) or full name.
-
-    Raises:
-        FileNotFoundError: no such dataset folder; the message lists the ones there.
-        ValueError: the id names more than one folder.
-    """
-    text = str(dataset).strip()
-    if text.isdigit():
-        prefix = f"Dataset{int(text):03d}_"
-        candidates = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix))
-    else:
-        candidates = [root / text] if (root / text).is_dir() else []
-    if len(candidates) == 1:
-        return candidates[0]
-    if len(candidates) > 1:
-        raise ValueError(f"dataset id {text} matches several folders in {root}: "
-                         f"{', '.join(p.name for p in candidates)}; pass the full name with -d")
-    present = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("Dataset"))
-    raise FileNotFoundError(f"no trained models for dataset {text} in nnUNet_results={root} "
-                            f"(datasets there: {', '.join(present) or 'none'}); train one with nnUNetv2_train, "
-                            "or check nnUNet_results and -d")
+def dataset_folder(root: Path, dataset: str | int, variable: str = "nnUNet_results") -> Path:
+    """The ``DatasetXXX_Name`` folder of trained models under ``root`` (see ``nnunet_paths.dataset_folder``)."""
+    what = "trained models for dataset" if variable == "nnUNet_results" else "dataset"
+    return _dataset_folder(root, dataset, variable, what)
 
 
 def model_folder(root: Path, dataset: str | int, trainer: str, plans: str = DEFAULT_PLANS,
@@ -392,7 +368,7 @@ def _find_dataset_json(results: Sequence[TrainerResult], dataset: str | int, roo
         base = os.environ.get(variable)
         if base and Path(base).is_dir():
             try:
-                candidates.append(dataset_folder(Path(base), dataset) / "dataset.json")
+                candidates.append(dataset_folder(Path(base), dataset, variable) / "dataset.json")
             except (FileNotFoundError, ValueError):
                 pass
     return next((c for c in candidates if c.is_file()), None)

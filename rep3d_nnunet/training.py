@@ -64,6 +64,20 @@ def build_rep3d_network(plans_manager: PlansManager, configuration_manager: Conf
                                   allow_init=True, deep_supervision=enable_deep_supervision)
 
 
+def rep3d_deploy_architecture(configuration_manager: ConfigurationManager, settings: Rep3DSettings) -> dict:
+    """The plans' ``architecture`` entry of the folded network: nnU-Net's default trainer builds it from this alone.
+
+    The topology and Rep3D settings the trainer used, ``deploy=True`` (plain kernels, no generator, a BatchNorm after
+    a depthwise conv fused); the Rep3D trainers read such an entry back as a topology source as well.
+    """
+    kwargs, req_import = rep3d_architecture(
+        configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
+        configuration_manager.patch_size, configuration_manager.spacing, settings,
+    )
+    return {"network_class_name": REP3D_NETWORK_CLASS, "arch_kwargs": {**kwargs, "deploy": True},
+            "_kw_requires_import": req_import}
+
+
 def parameter_groups(network: nn.Module, optim: OptimizerSettings) -> list[dict]:
     """Splits parameters into decayed kernels, undecayed rest and (CSLA) the small branch with its own lr.
 
@@ -162,6 +176,11 @@ class Rep3DTrainer(nnUNetTrainer):
         # A classmethod, not nnU-Net's staticmethod: the predictor calls it on the class and needs the variant's settings.
         return build_rep3d_network(plans_manager, configuration_manager, num_input_channels, num_output_channels,
                                    enable_deep_supervision, cls.rep3d)
+
+    @classmethod
+    def deploy_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager) -> dict:
+        """What ``rep3d-nnunet export`` writes into the plans: see ``rep3d_deploy_architecture``."""
+        return rep3d_deploy_architecture(configuration_manager, cls.rep3d)
 
     def configure_optimizers(self):
         return build_optimizer(self.network, self.optim, self.num_epochs)

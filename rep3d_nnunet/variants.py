@@ -18,7 +18,9 @@ from nnunetv2.training.nnUNetTrainer.variants.benchmarking.nnUNetTrainerBenchmar
     nnUNetTrainerBenchmark_5epochs_noDataLoading,
 )
 
+from .adapters import AdapterSettings
 from .config import Rep3DSettings
+from .finetuning import DKATrainer, FinetuneOptimizer
 from .training import OptimizerSettings, Rep3DTrainer
 
 
@@ -39,12 +41,26 @@ class Schedule:
 
 @dataclass(frozen=True)
 class Method:
-    """A trainer's method: network settings, optimizer, what it reproduces, and its schedule without a suffix."""
+    """A trainer's method: network settings, optimizer, what it reproduces, and its schedule without a suffix.
 
-    rep3d: Rep3DSettings
-    optim: OptimizerSettings
+    A method with ``adapters`` fine-tunes a pretrained network (``finetuning.DKATrainer``, ``rep3d`` None);
+    every other trains a Rep3D network (``training.Rep3DTrainer``).
+    """
+
+    rep3d: Rep3DSettings | None
+    optim: OptimizerSettings | FinetuneOptimizer
     description: str
     schedule: Schedule = Schedule(1000)
+    adapters: AdapterSettings | None = None
+
+    @property
+    def base(self) -> type:
+        return Rep3DTrainer if self.adapters is None else DKATrainer
+
+    def class_attributes(self) -> dict:
+        if self.adapters is None:
+            return {"rep3d": self.rep3d, "optim": self.optim}
+        return {"adapters": self.adapters, "optim": self.optim}
 
 
 _ADAMW = OptimizerSettings()
@@ -107,6 +123,36 @@ METHODS.update({
     for suffix, (network, optim, description) in PAPER_ABLATIONS.items()
 })
 
+# ---- low-data fine-tuning (DKA paper): the dual-kernel adapter and the baselines it is compared with ----
+# The paper fine-tunes segmentation for 300 epochs; adapters at lr 1e-3, the head at 1e-4. Every method also exists
+# with the other head (``_DecoderHead``: the whole decoder trains, not only its segmentation layers).
+FINETUNE_SCHEDULE = Schedule(300)
+_FINETUNE_KINDS: dict[str, tuple[dict, str]] = {
+    "nnUNetTrainerDKA": ({"kind": "dual"}, "dual-kernel adapter after every encoder stage (large + small depthwise)"),
+    "nnUNetTrainerDKA_Large": ({"kind": "large"}, "adapter with the large depthwise kernel only"),
+    "nnUNetTrainerDKA_Small": ({"kind": "small"}, "adapter with the small depthwise kernel only"),
+    "nnUNetTrainerDKA_Adapter": ({"kind": "bottleneck"}, "standard bottleneck adapter (no spatial kernel)"),
+    "nnUNetTrainerDKA_LinearProbe": ({"kind": "none"}, "linear probing: frozen network, head only"),
+    "nnUNetTrainerDKA_FullFinetune": ({"kind": "none", "train_backbone": True},
+                                      "full fine-tuning at the same schedule (everything at the head's rate)"),
+}
+_OTHER_HEAD = {"seg_layers": ("decoder", "_DecoderHead"), "decoder": ("seg_layers", "_SegLayersHead")}
+
+
+def _finetuning_methods() -> dict[str, Method]:
+    default = AdapterSettings()
+    other_head, suffix = _OTHER_HEAD[default.head]
+    methods = {}
+    for name, (changes, description) in _FINETUNE_KINDS.items():
+        for variant, head in ((name, default.head), (name + suffix, other_head)):
+            methods[variant] = Method(None, FinetuneOptimizer(), f"Fine-tuning: {description}; head {head}; needs "
+                                      f"-pretrained_weights", FINETUNE_SCHEDULE,
+                                      default.replace(**changes, head=head))
+    return methods
+
+
+METHODS.update(_finetuning_methods())
+
 SCHEDULES: dict[str, Schedule | None] = {
     "": None,  # the method's own schedule
     **{f"_{n}epoch" + ("s" if n > 1 else ""): Schedule(n) for n in (1, 5, 10, 20, 50, 100, 250, 500, 750, 2000)},
@@ -119,11 +165,17 @@ SCHEDULES: dict[str, Schedule | None] = {
 }
 
 
+def _applies(method: Method, schedule: Schedule | None) -> bool:
+    # nnU-Net's benchmark loops time training from scratch; a fine-tuning run starts from -pretrained_weights
+    return schedule is None or schedule.loop is None or method.adapters is None
+
+
 def trainer_names() -> list[str]:
-    return [method + suffix for method in METHODS for suffix in SCHEDULES]
+    return [name + suffix for name, method in METHODS.items() for suffix, schedule in SCHEDULES.items()
+            if _applies(method, schedule)]
 
 
-def make_trainer_class(name: str) -> type[Rep3DTrainer]:
+def make_trainer_class(name: str) -> type:
     """The trainer class for a variant name.
 
     Raises:
@@ -131,18 +183,17 @@ def make_trainer_class(name: str) -> type[Rep3DTrainer]:
     """
     for method_name in sorted(METHODS, key=len, reverse=True):
         suffix = name[len(method_name):]
-        if name.startswith(method_name) and suffix in SCHEDULES:
+        if name.startswith(method_name) and suffix in SCHEDULES and _applies(METHODS[method_name], SCHEDULES[suffix]):
             method = METHODS[method_name]
             schedule = SCHEDULES[suffix] or method.schedule
             attributes = {
-                "rep3d": method.rep3d,
-                "optim": method.optim,
+                **method.class_attributes(),
                 "num_epochs_override": schedule.epochs,
                 "iterations_per_epoch_override": schedule.iterations_per_epoch,
                 "val_iterations_per_epoch_override": schedule.val_iterations_per_epoch,
                 "__doc__": f"{method.description}; {schedule.epochs} epochs.",
             }
-            bases = (Rep3DTrainer,) if schedule.loop is None else (Rep3DTrainer, schedule.loop)
+            bases = (method.base,) if schedule.loop is None else (method.base, schedule.loop)
             return type(name, bases, attributes)
     raise ValueError(
         f"Unknown Rep3D trainer variant {name!r}. Methods: {', '.join(METHODS)}; optional schedule suffixes: "
@@ -150,5 +201,5 @@ def make_trainer_class(name: str) -> type[Rep3DTrainer]:
     )
 
 
-def all_trainer_classes() -> dict[str, type[Rep3DTrainer]]:
+def all_trainer_classes() -> dict[str, type]:
     return {name: make_trainer_class(name) for name in trainer_names()}

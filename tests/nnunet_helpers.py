@@ -1,14 +1,19 @@
-"""Running nnU-Net's own commands against a throwaway nnU-Net tree, as a user would."""
+"""Running nnU-Net's own commands against a throwaway nnU-Net tree, as a user would; model folders without training."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from rep3d_nnunet.environment import trainer_folder
+from tests.test_architecture import PLAIN, plain_plan_kwargs
 
 TINY_TRAINER = "nnUNetTrainerRep3DTestTiny"
 # nnU-Net's recommended way to add a trainer: a file in a folder listed in nnUNet_extTrainer. Epochs and iterations
@@ -50,6 +55,20 @@ def write_tiny_trainer(folder: Path) -> Path:
     return folder
 
 
+def run_in_pairs(commands: list[list[str]], env: dict) -> None:
+    """Runs console scripts two at a time, one thread each: on two cores a tiny nnUNetv2_train is mostly start-up and
+    validation-worker spawning, which overlap well (measured: 19 s per fold in pairs, 27 s one after the other)."""
+    env = {**env, "OMP_NUM_THREADS": "1"}
+    for start in range(0, len(commands), 2):
+        pair = [(command, subprocess.Popen([str(Path(sys.executable).parent / command[0]), *command[1:]], env=env,
+                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+                for command in commands[start:start + 2]]
+        for command, process in pair:
+            output, _ = process.communicate()
+            if process.returncode != 0:
+                raise AssertionError(f"{' '.join(command)} failed ({process.returncode}):\n{output[-5000:]}")
+
+
 def run(command: list[str], env: dict, expect_failure: bool = False) -> subprocess.CompletedProcess:
     """Runs a console script from this interpreter's environment; fails the test with its output on error."""
     executable = Path(sys.executable).parent / command[0]
@@ -60,3 +79,60 @@ def run(command: list[str], env: dict, expect_failure: bool = False) -> subproce
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n"
                              f"{result.stdout[-5000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+# ---- model folders written directly (no training), as nnUNetv2_train leaves them ----
+
+CONFIGURATIONS = {3: ("3d_fullres", [8, 16, 16]), 2: ("2d", [16, 16])}
+
+
+def tiny_plans(dim: int) -> dict:
+    configuration, patch = CONFIGURATIONS[dim]
+    return {
+        "dataset_name": "Dataset999_Tiny", "plans_name": "nnUNetPlans", "label_manager": "LabelManager",
+        "image_reader_writer": "SimpleITKIO", "transpose_forward": list(range(dim)),
+        "transpose_backward": list(range(dim)),
+        "configurations": {configuration: {
+            "data_identifier": f"nnUNetPlans_{configuration}", "preprocessor_name": "DefaultPreprocessor",
+            "batch_size": 2, "patch_size": patch, "spacing": [1.0] * dim,
+            "architecture": {"network_class_name": PLAIN, "arch_kwargs": plain_plan_kwargs(dim),
+                             "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
+        }},
+    }
+
+
+def write_model_folder(root: Path, trainer_name: str, dim: int = 3) -> Path:
+    """A model folder as nnUNetv2_train leaves it after one fold, with moved ("trained") weights, without training."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from rep3d_nnunet.model_folder import find_trainer_class
+
+    configuration, _ = CONFIGURATIONS[dim]
+    plans = tiny_plans(dim)
+    dataset = {"channel_names": {"0": "MR"}, "labels": {"background": 0, "lesion": 1}, "numTraining": 2,
+               "file_ending": ".nii.gz"}
+    folder = root / f"{trainer_name}__nnUNetPlans__{configuration}"
+    (folder / "fold_0").mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    plans_manager = PlansManager(plans)
+    trainer = find_trainer_class(trainer_name)
+    torch.manual_seed(1)
+    network = trainer.build_network_architecture(plans_manager, plans_manager.get_configuration(configuration), 1, 2,
+                                                 True)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in network.parameters():  # gains of the generator's last norm leave 0, so M != P as after training
+            p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    # The keys nnUNetTrainer.save_checkpoint writes, numpy scalars in its logging included.
+    torch.save({
+        "network_weights": network.state_dict(), "optimizer_state": None, "grad_scaler_state": None,
+        "logging": {"mean_fg_dice": [np.float32(0.5)], "train_losses": [np.float64(-0.1)]},
+        "_best_ema": np.float32(0.5), "current_epoch": 1,
+        "init_args": {"plans": plans, "configuration": configuration, "fold": 0, "dataset_json": dataset,
+                      "device": torch.device("cpu")},
+        "trainer_name": trainer_name, "inference_allowed_mirroring_axes": tuple(range(dim)),
+    }, folder / "fold_0" / "checkpoint_final.pth")
+    return folder
+
+

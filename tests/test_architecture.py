@@ -62,7 +62,7 @@ def test_deep_supervision_outputs_match_nnunet_scales(dim, patch):
     assert network(torch.randn(1, 1, *patch)).shape == (1, 3, *patch)
 
 
-@pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.rep3d.topology == "plan"])
+@pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.rep3d is not None and m.rep3d.topology == "plan"])
 def test_every_method_builds_the_intended_network(name):
     # (the paper-topology methods need 32-divisible patches: tests/test_paper_preset.py)
     settings = METHODS[name].rep3d

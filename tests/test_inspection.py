@@ -31,9 +31,9 @@ from rep3d_nnunet.inspection import (
     write_erf,
     write_masks,
 )
-from tests.test_architecture import PLAIN, build, plain_plan_kwargs
+from tests.nnunet_helpers import CONFIGURATIONS, write_model_folder
+from tests.test_architecture import build
 
-CONFIGURATIONS = {3: ("3d_fullres", [8, 16, 16]), 2: ("2d", [16, 16])}
 
 
 def _chebyshev_distance(shape) -> np.ndarray:
@@ -118,54 +118,6 @@ def test_block_kernels_show_the_mask_where_there_is_one_and_the_kernel_otherwise
 
 
 # ---- model folders ----
-
-
-def _plans(dim: int) -> dict:
-    configuration, patch = CONFIGURATIONS[dim]
-    return {
-        "dataset_name": "Dataset999_Tiny", "plans_name": "nnUNetPlans", "label_manager": "LabelManager",
-        "image_reader_writer": "SimpleITKIO", "transpose_forward": list(range(dim)),
-        "transpose_backward": list(range(dim)),
-        "configurations": {configuration: {
-            "data_identifier": f"nnUNetPlans_{configuration}", "preprocessor_name": "DefaultPreprocessor",
-            "batch_size": 2, "patch_size": patch, "spacing": [1.0] * dim,
-            "architecture": {"network_class_name": PLAIN, "arch_kwargs": plain_plan_kwargs(dim),
-                             "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
-        }},
-    }
-
-
-def write_model_folder(root: Path, trainer_name: str, dim: int = 3) -> Path:
-    """A model folder as nnUNetv2_train leaves it after one fold, with moved ("trained") weights, without training."""
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    configuration, _ = CONFIGURATIONS[dim]
-    plans = _plans(dim)
-    dataset = {"channel_names": {"0": "MR"}, "labels": {"background": 0, "lesion": 1}, "numTraining": 2,
-               "file_ending": ".nii.gz"}
-    folder = root / f"{trainer_name}__nnUNetPlans__{configuration}"
-    (folder / "fold_0").mkdir(parents=True)
-    (folder / "plans.json").write_text(json.dumps(plans))
-    (folder / "dataset.json").write_text(json.dumps(dataset))
-    plans_manager = PlansManager(plans)
-    trainer = recursive_find_trainer_class_by_name(trainer_name)
-    torch.manual_seed(1)
-    network = trainer.build_network_architecture(plans_manager, plans_manager.get_configuration(configuration), 1, 2,
-                                                 True)
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in network.parameters():  # gains of the generator's last norm leave 0, so M != P as after training
-            p.add_(0.1 * torch.randn(p.shape, generator=generator))
-    # The keys nnUNetTrainer.save_checkpoint writes.
-    torch.save({
-        "network_weights": network.state_dict(), "optimizer_state": None, "grad_scaler_state": None,
-        "logging": {}, "_best_ema": None, "current_epoch": 1,
-        "init_args": {"plans": plans, "configuration": configuration, "fold": 0, "dataset_json": dataset,
-                      "device": torch.device("cpu")},
-        "trainer_name": trainer_name, "inference_allowed_mirroring_axes": tuple(range(dim)),
-    }, folder / "fold_0" / "checkpoint_final.pth")
-    return folder
 
 
 @pytest.fixture

@@ -16,7 +16,14 @@ import SimpleITK as sitk
 import torch
 
 from rep3d_nnunet.datasets.synthetic import generate_synthetic_dataset
-from tests.nnunet_helpers import TINY_TRAINER, nnunet_environment, run, training_environment, write_tiny_trainer
+from tests.nnunet_helpers import (
+    TINY_TRAINER,
+    nnunet_environment,
+    run,
+    run_in_pairs,
+    training_environment,
+    write_tiny_trainer,
+)
 
 DATASET_ID = 971
 ANISOTROPIC_ID = 972
@@ -54,11 +61,9 @@ def test_rep3d_plans_describe_a_rep3d_network(nnunet_tree):
 def test_five_folds_find_best_configuration_ensemble_export_and_predict(nnunet_tree):
     root, env, dataset = nnunet_tree
     d = str(DATASET_ID)
-    for configuration in ("2d", "3d_fullres"):
-        for fold in range(5):
-            # --npz keeps the validation softmax that find_best_configuration ensembles
-            run(["nnUNetv2_train", d, configuration, str(fold), "-tr", TINY_TRAINER, "-p", PLANS, "-device", "cpu",
-                 "--npz"], training_environment(env))
+    # --npz keeps the validation softmax that find_best_configuration ensembles
+    run_in_pairs([["nnUNetv2_train", d, configuration, str(fold), "-tr", TINY_TRAINER, "-p", PLANS, "-device", "cpu",
+                   "--npz"] for configuration in ("2d", "3d_fullres") for fold in range(5)], training_environment(env))
     run(["nnUNetv2_find_best_configuration", d, "-c", "2d", "3d_fullres", "-tr", TINY_TRAINER, "-p", PLANS,
          "-np", "1"], env)
     trained = _model_folder(env, dataset, PLANS, "3d_fullres")
@@ -73,15 +78,29 @@ def test_five_folds_find_best_configuration_ensemble_export_and_predict(nnunet_t
     result = run(["rep3d-nnunet", "export", str(trained)], env)
     exported = _model_folder(env, dataset, f"{PLANS}_folded", "3d_fullres")
     assert "parameters ->" in result.stdout and exported.is_dir()
-    checkpoint = torch.load(exported / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    # tensors and plain types only: a weights-only load, no allow-list
+    checkpoint = torch.load(exported / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=True)
     assert checkpoint["rep3d_folded"] and checkpoint["optimizer_state"] is None
+    assert checkpoint["trainer_name"] == "nnUNetTrainer" and checkpoint["rep3d_trainer_name"] == TINY_TRAINER
     assert not any(k for k in checkpoint["network_weights"] if "generator" in k or "beta" in k)
+    architecture = json.loads((exported / "plans.json").read_text())["configurations"]["3d_fullres"]["architecture"]
+    assert architecture["network_class_name"] == "rep3d_nnunet.architecture.Rep3DUNet"
+    assert architecture["arch_kwargs"]["deploy"] is True
 
-    run([*predict, "-o", str(root / "pred_3d_folded"), "-c", "3d_fullres", "-p", f"{PLANS}_folded"], env)
+    # A deployed model needs the package only: no nnUNet_extTrainer, at its place and installed from a zip elsewhere.
+    deploy_env = {k: v for k, v in env.items() if k != "nnUNet_extTrainer"}
+    run([*predict, "-o", str(root / "pred_3d_folded"), "-c", "3d_fullres", "-p", f"{PLANS}_folded"], deploy_env)
+    run(["nnUNetv2_export_model_to_zip", "-d", d, "-o", str(root / "folded.zip"), "-c", "3d_fullres",
+         "-tr", TINY_TRAINER, "-p", f"{PLANS}_folded"], deploy_env)
+    elsewhere = {**deploy_env, "nnUNet_results": str(root / "elsewhere_results")}
+    (root / "elsewhere_results").mkdir()
+    run(["nnUNetv2_install_pretrained_model_from_zip", str(root / "folded.zip")], elsewhere)
+    run([*predict, "-o", str(root / "pred_3d_installed"), "-c", "3d_fullres", "-p", f"{PLANS}_folded"], elsewhere)
     for case in sorted((root / "pred_3d").glob("*.nii.gz")):
         trained_seg = sitk.GetArrayFromImage(sitk.ReadImage(str(case)))
-        folded_seg = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "pred_3d_folded" / case.name)))
-        np.testing.assert_array_equal(trained_seg, folded_seg)
+        for deployed in ("pred_3d_folded", "pred_3d_installed"):
+            deployed_seg = sitk.GetArrayFromImage(sitk.ReadImage(str(root / deployed / case.name)))
+            np.testing.assert_array_equal(trained_seg, deployed_seg)
         name = case.name.replace(".nii.gz", ".npz")
         trained_prob = np.load(root / "pred_3d" / name)["probabilities"]
         folded_prob = np.load(root / "pred_3d_folded" / name)["probabilities"]
@@ -90,10 +109,6 @@ def test_five_folds_find_best_configuration_ensemble_export_and_predict(nnunet_t
     run(["nnUNetv2_ensemble", "-i", str(root / "pred_3d"), str(root / "pred_2d"), "-o", str(root / "ensemble"),
          "-np", "1"], env)
     assert len(list((root / "ensemble").glob("*.nii.gz"))) == 2
-
-    run(["nnUNetv2_export_model_to_zip", "-d", d, "-o", str(root / "folded.zip"), "-c", "3d_fullres",
-         "-tr", TINY_TRAINER, "-p", f"{PLANS}_folded"], env)
-    assert (root / "folded.zip").stat().st_size > 0
 
 
 def test_anisotropic_dataset_trains_and_predicts(tmp_path):

@@ -264,7 +264,7 @@ def test_cli_arguments(tmp_path, monkeypatch):
     args = _parse(["--dataset-id", "9", "--task", "long_range", "--num-training", "2", "--num-test", "0",
                    "--size", "10", "20", "20", "--spacing", "2", "1", "1", "--channels", "2", "--seed", "5",
                    "--name", "Mine"])
-    with pytest.raises(ValueError, match="--raw-dir or set the nnUNet_raw"):
+    with pytest.raises(ValueError, match="nnUNet_raw is not set.*or pass --raw-dir"):
         run_from_args(args)
 
     monkeypatch.setenv("nnUNet_raw", str(tmp_path))

@@ -341,6 +341,7 @@ def dataset_split(name: str, identifiers: Sequence[str], seed: int = DEFAULT_SEE
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Registers the arguments of the ``convert`` subcommand; :func:`run_from_args` consumes them."""
     listing = "; ".join(f"{c.name}: {c.description} (default id {c.default_id})" for c in CONVERTERS.values())
+    listing = listing.replace("%", "%%")  # argparse formats help strings with %
     parser.add_argument("name", choices=list(CONVERTERS), metavar="NAME", help=f"benchmark to convert: {listing}")
     parser.add_argument("source", metavar="SOURCE",
                         help="the downloaded release: the amos22 folder (with dataset.json, imagesTr/, labelsTr/), "
@@ -360,9 +361,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> Path:
     """Converts the dataset described by parsed :func:`add_arguments` arguments and returns its folder."""
-    raw_dir = args.raw_dir or os.environ.get("nnUNet_raw")
-    if not raw_dir:
-        raise ValueError("no raw folder: pass --raw-dir or set the nnUNet_raw environment variable")
+    from ..nnunet_paths import nnunet_folder
+
+    raw_dir = nnunet_folder("nnUNet_raw", args.raw_dir, hint=", or pass --raw-dir", must_exist=False)
     preprocessed_dir = args.preprocessed_dir or os.environ.get("nnUNet_preprocessed") or None
     return convert_dataset(args.name, args.source, raw_dir, dataset_id=args.dataset_id,
                            preprocessed_root=preprocessed_dir, seed=args.seed, overwrite=args.overwrite,

@@ -175,9 +175,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> Path:
     """Generates the dataset described by parsed :func:`add_arguments` flags and returns its folder."""
-    raw_dir = args.raw_dir or os.environ.get("nnUNet_raw")
-    if not raw_dir:
-        raise ValueError("no raw folder: pass --raw-dir or set the nnUNet_raw environment variable")
+    from ..nnunet_paths import nnunet_folder
+
+    raw_dir = nnunet_folder("nnUNet_raw", args.raw_dir, hint=", or pass --raw-dir", must_exist=False)
     return generate_synthetic_dataset(raw_dir, args.dataset_id, task=args.task, num_training=args.num_training,
                                       num_test=args.num_test, size=args.size, spacing=args.spacing,
                                       num_channels=args.channels, seed=args.seed, dataset_name=args.name,
