@@ -203,7 +203,8 @@ def has_adapters(network: nn.Module) -> bool:
 def is_head_parameter(name: str, head: str) -> bool:
     """Whether a parameter (state-dict name) belongs to the head that fine-tuning trains."""
     if head == "decoder":
-        return name.startswith("decoder.")
+        # UNetDecoder keeps a reference to the encoder: its keys repeat under decoder.encoder.*
+        return name.startswith("decoder.") and not name.startswith("decoder.encoder.")
     return ".seg_layers." in f".{name}"
 
 

@@ -58,10 +58,16 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
+class DemoStepFailed(RuntimeError):
+    """A command of the demo exited with an error; its own output, printed above, says why."""
+
+
 def _run(command: list[str], env: dict) -> float:
     print("\n$ " + " ".join(command), flush=True)
     started = time.time()
-    subprocess.run(command, env=env, check=True)
+    status = subprocess.run(command, env=env).returncode
+    if status != 0:
+        raise DemoStepFailed(f"{Path(command[0]).name} exited with status {status}; its output is above.")
     seconds = time.time() - started
     print(f"  ({seconds:.0f} s)", flush=True)
     return seconds
@@ -84,10 +90,13 @@ def demo_environment(workdir: Path, device: str, trainer_folder: Path) -> dict:
     # nnU-Net's worker pools default to 8 processes; on a small CPU their start-up stalls validation for tens of
     # seconds (rep3d-nnunet doctor explains)
     env.setdefault("nnUNet_def_n_proc", str(min(os.cpu_count() or 1, 4)))
-    if device == "cpu":
-        # augmentation in the training process: workers would compete with the training step for two cores
-        env.setdefault("nnUNet_n_proc_DA", "0")
     return env
+
+
+def training_environment(env: dict, device: str) -> dict:
+    """On a CPU, augmentation in the training process: workers would compete with the training step for the cores.
+    (Not for planning: nnU-Net's planner passes nnUNet_n_proc_DA to torch.set_num_threads, which rejects 0.)"""
+    return {**env, "nnUNet_n_proc_DA": env.get("nnUNet_n_proc_DA", "0")} if device == "cpu" else env
 
 
 def write_demo_trainers(folder: Path, settings: DemoSettings) -> Path:
@@ -97,14 +106,16 @@ def write_demo_trainers(folder: Path, settings: DemoSettings) -> Path:
     epochs, iterations = settings.epochs, settings.iterations_per_epoch
     (folder / "nnUNetTrainerDemo.py").write_text(textwrap.dedent(f'''
         """The demo's two trainers: the same {epochs} x {iterations} iterations, few validation batches per epoch."""
+        import torch
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
         from rep3d_nnunet.training import Rep3DTrainer
 
 
         class nnUNetTrainerDemo(nnUNetTrainer):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, **kwargs)
+            # nnU-Net records its constructor's arguments by name: the signature must be spelled out
+            def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+                super().__init__(plans, configuration, fold, dataset_json, device)
                 self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = {epochs}, \\
                     {iterations}, 2
 
@@ -140,7 +151,7 @@ def dice_per_class(summary_file: Path) -> dict[str, float]:
 
 def results_table(rows: list[dict]) -> str:
     labels = sorted({label for row in rows for label in row["dice"]}, key=int)
-    header = ["model", *[f"class {label} Dice" for label in labels], "mean Dice", "training (s)"]
+    header = ["model", *[f"class {label} Dice" for label in labels], "mean Dice", "nnUNetv2_train (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in rows:
         dice = [row["dice"][label] for label in labels]
@@ -183,7 +194,7 @@ def run_demo(settings: DemoSettings) -> list[dict]:
     seconds = {}
     for trainer in DEMO_TRAINERS.values():
         seconds[trainer] = _run([_bin("nnUNetv2_train"), d, c, "0", "-tr", trainer, "-p", DEMO_PLANS, "-device",
-                                 device], env)
+                                 device], training_environment(env, device))
     results = Path(env["nnUNet_results"]) / dataset.name
     rep3d_trained = results / f"nnUNetTrainerRep3DDemo__{DEMO_PLANS}__{c}"
 
@@ -231,9 +242,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
-def run_from_args(args: argparse.Namespace) -> None:
+def run_from_args(args: argparse.Namespace) -> int:
     """Runs the demo described by parsed :func:`add_arguments` flags (it prints as it goes)."""
     if args.epochs < 1:
         raise ValueError(f"--epochs must be at least 1, got {args.epochs}.")
-    run_demo(DemoSettings(workdir=Path(args.workdir), dataset_id=args.dataset_id, epochs=args.epochs,
-                          device=args.device))
+    try:
+        run_demo(DemoSettings(workdir=Path(args.workdir), dataset_id=args.dataset_id, epochs=args.epochs,
+                              device=args.device))
+    except DemoStepFailed as error:
+        print(f"rep3d-nnunet demo: error: {error}", file=sys.stderr)
+        return 1
+    return 0

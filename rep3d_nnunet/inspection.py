@@ -522,8 +522,12 @@ def _check_size(network: nn.Module, size: Sequence[int], patch_size: Sequence[in
 
 def write_erf(model_folder: str | Path, output_folder: str | Path | None = None, fold: str | int | None = None,
               checkpoint_name: str = DEFAULT_CHECKPOINT, num_inputs: int = 8, size: Sequence[int] | None = None,
-              seed: int = 0, device: str = "auto", fraction: float = ERF_MASS_FRACTION) -> ErfReport:
+              seed: int = 0, device: str = "auto", fraction: float = ERF_MASS_FRACTION,
+              compare: Sequence[str | Path] = ()) -> ErfReport:
     """ERF of a trained or exported Rep3D model folder and of its untrained initialisation, side by side.
+
+    ``compare`` adds the ERF of other model folders of the same configuration, of any trainer (e.g. the linear-probing
+    baseline beside a DKA fine-tuning, or nnU-Net's default beside Rep3D), labelled by their trainer.
 
     The differentiated quantity is the logit of the first foreground class (channel 1; channel 0 for region-based
     models) at the central voxel. Not the sum over classes: softmax ignores a shift shared by all logits, so that
@@ -541,16 +545,30 @@ def write_erf(model_folder: str | Path, output_folder: str | Path | None = None,
         seed: seed of the inputs and of the untrained network's initialisation.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         fraction: ERF mass fraction for the reported radius.
+        compare: further model folders (same fold and checkpoint name).
 
     Raises:
-        FileNotFoundError, ValueError: see ``load_rep3d_model``; a ``size`` the network cannot take.
+        FileNotFoundError, ValueError: see ``load_rep3d_model``; a ``size`` the network cannot take; a compared
+            folder of another configuration.
     """
     model = load_rep3d_model(model_folder, fold, checkpoint_name)
     run_on = _resolve_device(device)
     size = _check_size(model.network, size if size is not None else model.patch_size, model.patch_size)
+    networks = {"trained": model.network}
+    for other in compare:
+        folder = ModelFolder.open(other)
+        path = folder.checkpoint_path(fold, checkpoint_name)
+        checkpoint = folder.load_checkpoint(path)
+        if checkpoint["init_args"]["configuration"] != model.configuration:
+            raise ModelFolderError(f"--compare {other} was trained on configuration "
+                                   f"{checkpoint['init_args']['configuration']!r}, {model_folder} on "
+                                   f"{model.configuration!r}: compare models of one configuration.")
+        label = checkpoint.get("rep3d_trainer_name", checkpoint["trainer_name"])
+        networks[label if label not in networks else f"{label} ({folder.path.name})"] = folder.load_network(
+            checkpoint, path)
+    networks["untrained"] = build_untrained_network(model, seed)
     output = Path(output_folder) if output_folder is not None else default_output_folder("erf", model_folder)
     output.mkdir(parents=True, exist_ok=True)
-    networks = {"trained": model.network, "untrained": build_untrained_network(model, seed)}
     input_shape = (model.num_input_channels, *size)
     erfs, radius = {}, {}
     for label, network in networks.items():
@@ -618,13 +636,17 @@ def add_erf_arguments(parser: argparse.ArgumentParser) -> None:
                         help="spatial input size, Z Y X (Y X for 2D); default the configuration's patch size")
     parser.add_argument("--seed", type=int, default=0, help="seed of the inputs and the untrained initialisation")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="default: CUDA when available")
+    parser.add_argument("--compare", nargs="+", default=[], metavar="MODEL_FOLDER",
+                        help="more model folders of the same configuration, any trainer, drawn beside it (e.g. the "
+                             "linear-probing baseline of a DKA fine-tuning)")
 
 
 def run_erf(args: argparse.Namespace) -> int:
     """``rep3d-nnunet erf``: writes the ERF figure and radii, prints the radii. Returns 0."""
     report = write_erf(args.model_folder, args.output, args.fold, args.checkpoint, args.num_inputs, args.size,
-                       args.seed, args.device)
-    print(f"ERF radius holding {report.fraction:.0%} of the gradient mass: trained {report.radius['trained']:.2f} "
-          f"voxels, untrained initialisation {report.radius['untrained']:.2f} voxels")
+                       args.seed, args.device, compare=args.compare)
+    radii = ", ".join(f"{label} {r:.2f}" for label, r in report.radius.items() if label != "untrained")
+    print(f"ERF radius holding {report.fraction:.0%} of the gradient mass (voxels): {radii}, untrained "
+          f"initialisation {report.radius['untrained']:.2f}")
     print(f"Wrote {report.figure} and {report.json.name}")
     return 0

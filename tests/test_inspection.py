@@ -205,3 +205,16 @@ def test_a_vanilla_model_shows_its_kernel_and_is_not_mistaken_for_an_export(tmp_
     assert not report.folded
     assert all(row["mode"] == "none" and row["shown"].startswith("|W_eff|") for row in report.blocks)
     _assert_picture(report.figure)
+
+
+def test_erf_compares_other_model_folders_of_the_configuration(tmp_path, rep3d_trainers):
+    rep3d = write_model_folder(tmp_path / "a", "nnUNetTrainerRep3D", dim=2)
+    plain = write_model_folder(tmp_path / "b", "nnUNetTrainer", dim=2)
+    report = write_erf(rep3d, tmp_path / "erf", num_inputs=1, device="cpu", compare=[plain])
+    assert list(report.radius) == ["trained", "nnUNetTrainer", "untrained"]
+    with pytest.raises(ValueError, match="not a Rep3D model folder"):  # compared, though it is no Rep3D folder
+        load_rep3d_model(plain)
+    _assert_picture(report.figure)
+    other_configuration = write_model_folder(tmp_path / "c", "nnUNetTrainer", dim=3)
+    with pytest.raises(ValueError, match="compare models of one configuration"):
+        write_erf(rep3d, tmp_path / "erf2", num_inputs=1, device="cpu", compare=[other_configuration])

@@ -17,6 +17,7 @@ import torch
 
 from rep3d_nnunet.datasets.synthetic import generate_synthetic_dataset
 from tests.nnunet_helpers import (
+    TINY_DKA_TRAINER,
     TINY_TRAINER,
     nnunet_environment,
     run,
@@ -42,8 +43,17 @@ def nnunet_tree(tmp_path_factory):
     return root, env, dataset
 
 
-def _model_folder(env: dict, dataset: Path, plans: str, configuration: str) -> Path:
-    return Path(env["nnUNet_results"]) / dataset.name / f"{TINY_TRAINER}__{plans}__{configuration}"
+def _model_folder(env: dict, dataset: Path, plans: str, configuration: str, trainer: str = TINY_TRAINER) -> Path:
+    return Path(env["nnUNet_results"]) / dataset.name / f"{trainer}__{plans}__{configuration}"
+
+
+def _source_checkpoint(env: dict, dataset: Path, configuration: str) -> Path:
+    """Fold 0 of the tiny Rep3D trainer (the five-fold test trains it; trained here when run alone)."""
+    checkpoint = _model_folder(env, dataset, PLANS, configuration) / "fold_0" / "checkpoint_final.pth"
+    if not checkpoint.is_file():
+        run(["nnUNetv2_train", str(DATASET_ID), configuration, "0", "-tr", TINY_TRAINER, "-p", PLANS, "-device",
+             "cpu"], training_environment(env))
+    return checkpoint
 
 
 def test_rep3d_plans_describe_a_rep3d_network(nnunet_tree):
@@ -203,3 +213,61 @@ def test_benchmark_trainer_writes_nnunets_benchmark_json(nnunet_tree, monkeypatc
     (entry,) = results.values()
     assert set(entry) == {"torch_version", "cudnn_version", "gpu_name", "fastest_epoch", "num_gpus", "hostname"}
     assert entry["gpu_name"] == "CPU stand-in" and entry["num_gpus"] == 1 and entry["fastest_epoch"] > 0
+
+
+@pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])
+def test_dka_finetunes_a_pretrained_rep3d_network_exports_and_predicts(nnunet_tree, configuration):
+    """nnUNetv2_train -pretrained_weights with a DKA trainer: the Rep3D source is rebuilt from the checkpoint's
+    trainer, frozen weights stay the source's key by key, the export predicts like the trained folder."""
+    root, env, dataset = nnunet_tree
+    d = str(DATASET_ID)
+    source = _source_checkpoint(env, dataset, configuration)
+    run(["nnUNetv2_train", d, configuration, "0", "-tr", TINY_DKA_TRAINER, "-p", PLANS, "-device", "cpu",
+         "-pretrained_weights", str(source)], training_environment(env))
+    tuned = _model_folder(env, dataset, PLANS, configuration, TINY_DKA_TRAINER)
+    architecture = json.loads((tuned / "plans.json").read_text())["configurations"][configuration]["architecture"]
+    assert architecture["dka"] == {"source_trainer": TINY_TRAINER}
+
+    tuned_weights = torch.load(tuned / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    source_weights = torch.load(source, weights_only=False)["network_weights"]
+    adapter_keys = [k for k in tuned_weights if ".dka_adapter." in k]
+    assert adapter_keys and set(source_weights) <= set(tuned_weights)
+    for key, value in source_weights.items():
+        if ".seg_layers." not in key:  # the head trains; everything else is the frozen source
+            assert torch.equal(tuned_weights[key], value), key
+    assert any(not torch.equal(tuned_weights[k], source_weights[k]) for k in source_weights if ".seg_layers." in k)
+
+    exported = root / f"dka_folded_{configuration}"
+    run(["rep3d-nnunet", "export", str(tuned), "-o", str(exported)], env)
+    deploy_env = {k: v for k, v in env.items() if k != "nnUNet_extTrainer"}
+    for folder, folder_env, output in ((tuned, env, "dka_trained"), (exported, deploy_env, "dka_exported")):
+        run(["nnUNetv2_predict_from_modelfolder", "-i", str(dataset / "imagesTs"), "-o",
+             str(root / f"{output}_{configuration}"), "-m", str(folder), "-f", "0", "-device", "cpu", "-npp", "1",
+             "-nps", "1"], folder_env)
+    for case in sorted((root / f"dka_trained_{configuration}").glob("*.nii.gz")):
+        trained_seg = sitk.GetArrayFromImage(sitk.ReadImage(str(case)))
+        exported_seg = sitk.GetArrayFromImage(sitk.ReadImage(str(root / f"dka_exported_{configuration}" / case.name)))
+        np.testing.assert_array_equal(trained_seg, exported_seg)
+
+
+def test_dka_refuses_a_missing_or_mismatched_pretrained_network(nnunet_tree, monkeypatch, capsys):
+    root, env, dataset = nnunet_tree
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+        monkeypatch.setenv(name, env[name])
+    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
+
+    source_2d = _source_checkpoint(env, dataset, "2d")
+    trainer = get_trainer_from_args(str(DATASET_ID), "3d_fullres", 0, "nnUNetTrainerDKA", PLANS,
+                                    device=torch.device("cpu"))
+    with pytest.raises(SystemExit) as exit_info:
+        maybe_load_checkpoint(trainer, False, False, str(source_2d))
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()
+    assert len(message) == 1 and "trained on configuration '2d'" in message[0] and "runs on '3d_fullres'" in message[0]
+
+    trainer = get_trainer_from_args(str(DATASET_ID), "3d_fullres", 0, "nnUNetTrainerDKA", PLANS,
+                                    device=torch.device("cpu"))
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.on_train_start()  # nnUNetv2_train without -pretrained_weights
+    assert exit_info.value.code == 2
+    assert "add -pretrained_weights" in capsys.readouterr().err
