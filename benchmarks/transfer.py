@@ -10,7 +10,9 @@ The DKA paper's claim, at the smallest fractions: DKA > linear probing > standar
    ``nnUNetv2_preprocess``), split with ``rep3d-nnunet split``'s protocol: a fixed test set of 5 cases, fold 0
    training on 1, 2 or 4 of the other cases;
 3. every method fine-tunes fold 0 from the source checkpoint through nnU-Net's ``-pretrained_weights`` path for the
-   same number of iterations; Dice per class on the 5 held-out test cases (sliding window, no mirroring).
+   same number of iterations (default 18 x 25 = 450, batch 2), with the paper's rates (adapters 1e-3, head and
+   full fine-tuning 1e-4); nnU-Net does not transfer the segmentation layers, so every head starts from scratch;
+   Dice per class on the 5 held-out test cases (sliding window, no mirroring).
 
 Writes ``transfer.csv`` (resumable), ``transfer.md`` (mean ± std over seeds) and ``transfer.png`` into --output.
 
@@ -35,22 +37,22 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from convergence import dice_per_class, set_nnunet_paths, write_bench_plans  # noqa: E402
+from convergence import dice_per_class, read_rows, set_nnunet_paths, write_bench_plans  # noqa: E402
 
 SOURCE_ID, TARGET_ID = 850, 851
 SOURCE_NAME, TARGET_NAME = "Rep3DTransferSourceLocal", "Rep3DTransferTargetLongRange"
 PLANS = "nnUNetPlans_bench"
 SOURCE_TRAINER = "nnUNetTrainer_5epochs"  # nnU-Net's own: the fine-tuning finds it by the name in the checkpoint
-# label -> trainer of rep3d_nnunet.variants
+# label -> (fine-tuning method of rep3d_nnunet.variants, head); the trainer name follows from both
 METHODS = {
-    "linear probing": "nnUNetTrainerDKA_LinearProbe",
-    "full fine-tuning": "nnUNetTrainerDKA_FullFinetune",
-    "standard adapter": "nnUNetTrainerDKA_Adapter",
-    "DKA (dual)": "nnUNetTrainerDKA",
-    "DKA large only": "nnUNetTrainerDKA_Large",
-    "DKA small only": "nnUNetTrainerDKA_Small",
-    "DKA (dual), decoder head": "nnUNetTrainerDKA_DecoderHead",
-    "linear probing, decoder head": "nnUNetTrainerDKA_LinearProbe_DecoderHead",
+    "linear probing": ("nnUNetTrainerDKA_LinearProbe", "seg_layers"),
+    "full fine-tuning": ("nnUNetTrainerDKA_FullFinetune", "seg_layers"),
+    "standard adapter": ("nnUNetTrainerDKA_Adapter", "seg_layers"),
+    "DKA (dual)": ("nnUNetTrainerDKA", "seg_layers"),
+    "DKA large only": ("nnUNetTrainerDKA_Large", "seg_layers"),
+    "DKA small only": ("nnUNetTrainerDKA_Small", "seg_layers"),
+    "DKA (dual), decoder head": ("nnUNetTrainerDKA", "decoder"),
+    "linear probing, decoder head": ("nnUNetTrainerDKA_LinearProbe", "decoder"),
 }
 CSV_FIELDS = ["seed", "training_cases", "method", "trainer", "dice_class_1", "dice_class_2", "mean_dice",
               "seconds", "seconds_per_iteration", "device"]
@@ -61,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", default="transfer_output", help="folder for the CSV, table, plot, nnU-Net tree")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the training samples and runs")
     parser.add_argument("--cases", type=int, nargs="+", default=[1, 2, 4], help="target training cases per run")
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=18)
     parser.add_argument("--iterations", type=int, default=25, help="fine-tuning iterations per epoch")
     parser.add_argument("--size", type=int, default=32, help="volume edge in voxels")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -97,10 +99,12 @@ def prepare(args) -> Path:
                                    seed=100, dataset_name=SOURCE_NAME, overwrite=True)
         _run(["nnUNetv2_plan_and_preprocess", "-d", str(SOURCE_ID), "-c", "3d_fullres", "-np", "2"], planning_env)
         write_bench_plans(preprocessed / source_folder, 8, 64)
-    if not (preprocessed / target_folder / f"{PLANS}.json").is_file():
+    if not list((preprocessed / target_folder).glob("*_3d_fullres")):  # the preprocessed data, the last step
         generate_synthetic_dataset(raw, TARGET_ID, task="long_range", num_training=20, num_test=0,
                                    size=(args.size,) * 3, seed=200, dataset_name=TARGET_NAME, overwrite=True)
-        _run(["nnUNetv2_extract_fingerprint", "-d", str(TARGET_ID), "-np", "2"], planning_env)
+        # nnU-Net's transfer recipe: the target's own fingerprint and plans first, then the source's plans moved over
+        _run(["nnUNetv2_plan_and_preprocess", "-d", str(TARGET_ID), "-c", "3d_fullres", "-np", "2", "--no_pp"],
+             planning_env)
         _run(["nnUNetv2_move_plans_between_datasets", "-s", str(SOURCE_ID), "-t", str(TARGET_ID), "-sp", PLANS,
               "-tp", PLANS], planning_env)
         _run(["nnUNetv2_preprocess", "-d", str(TARGET_ID), "-plans_name", PLANS, "-c", "3d_fullres", "-np", "2"],
@@ -175,13 +179,16 @@ def run_method(label: str, training_cases: int, seed: int, source: Path, test_ca
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.run.run_training import maybe_load_checkpoint
 
+    from rep3d_nnunet.variants import finetuning_trainer
+
     preprocessed = Path(os.environ["nnUNet_preprocessed"]) / _folder(TARGET_ID, TARGET_NAME)
     plans = load_json(str(preprocessed / f"{PLANS}.json"))
     plans["continue_training"] = False  # nnUNetTrainer pops this key, which nnU-Net's run_training adds
     dataset_json = load_json(str(preprocessed / "dataset.json"))
     torch.manual_seed(seed)
     np.random.seed(seed)
-    trainer = benchmark_trainer(METHODS[label], args.epochs, args.iterations)(
+    trainer_name = finetuning_trainer(*METHODS[label])
+    trainer = benchmark_trainer(trainer_name, args.epochs, args.iterations)(
         plans, "3d_fullres", 0, dataset_json, torch.device(args.device))
     started = time.time()
     maybe_load_checkpoint(trainer, False, False, str(source))  # nnUNetv2_train's -pretrained_weights path
@@ -190,18 +197,13 @@ def run_method(label: str, training_cases: int, seed: int, source: Path, test_ca
     dice = test_dice(trainer, test_cases)
     if not args.keep_models:  # nnU-Net wrote checkpoint_final.pth; the numbers are all we need, disk is not free
         shutil.rmtree(trainer.output_folder_base, ignore_errors=True)
-    return {"seed": seed, "training_cases": training_cases, "method": label, "trainer": METHODS[label],
+    return {"seed": seed, "training_cases": training_cases, "method": label, "trainer": trainer_name,
             "dice_class_1": round(dice[0], 4), "dice_class_2": round(dice[1], 4),
             "mean_dice": round(float(np.mean(dice)), 4), "seconds": round(seconds, 1),
             "seconds_per_iteration": round(seconds / (args.epochs * args.iterations), 3), "device": args.device}
 
 
 # ---- report ----------------------------------------------------------------------------------------------------------
-def read_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def summary_table(rows: list[dict]) -> str:
     seeds = sorted({int(r["seed"]) for r in rows})
     counts = sorted({int(r["training_cases"]) for r in rows})

@@ -189,7 +189,8 @@ def run_demo(settings: DemoSettings) -> list[dict]:
     print(f"  wrote {plans_file.name}: nnU-Net's plan with {settings.base_features}-{settings.max_features} features "
           f"per stage, for both networks alike (CPU-sized)")
 
-    print(f"\n# 3. train fold 0 with both trainers, {settings.epochs} x {settings.iterations_per_epoch} iterations each "
+    print(f"\n# 3. train fold 0 with both trainers, {settings.epochs} x {settings.iterations_per_epoch} iterations "
+          f"each "
           f"(the trainer file nnU-Net finds through nnUNet_extTrainer: {trainers_folder / 'nnUNetTrainerDemo.py'})")
     seconds = {}
     for trainer in DEMO_TRAINERS.values():
@@ -222,7 +223,8 @@ def run_demo(settings: DemoSettings) -> list[dict]:
         rows.append({"model": label, "trainer": trainer, "dice": dice_per_class(summary),
                      "seconds": seconds[trainer]})
 
-    print(f"\nDice on the {settings.num_test} held-out cases (fold 0, {settings.epochs * settings.iterations_per_epoch} "
+    iterations = settings.epochs * settings.iterations_per_epoch
+    print(f"\nDice on the {settings.num_test} held-out cases (fold 0, {iterations} "
           f"training iterations each, {device}; Rep3D: the exported, folded model):\n")
     print(results_table(rows))
     print(f"\n{TASK_SENTENCE}")

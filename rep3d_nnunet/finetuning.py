@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 from torch._dynamo.eval_frame import OptimizedModule
@@ -43,7 +42,7 @@ from .adapters import (
     is_head_parameter,
 )
 from .model_folder import ModelFolderError, find_trainer_class, load_checkpoint
-from .training import PolyLRPerGroup
+from .training import PolyLRPerGroup, ScheduledTrainer
 
 DKA_PLANS_KEY = "dka"  # architecture entry of the fine-tuned model folder's plans: {"source_trainer": name}
 DEPLOY_NETWORK = "rep3d_nnunet.finetuning.build_adapted_network"
@@ -147,32 +146,23 @@ def _fail(trainer_name: str, message: str) -> None:
     raise SystemExit(2)
 
 
-class DKATrainer(nnUNetTrainer):
+class DKATrainer(ScheduledTrainer):
     """Fine-tunes a pretrained nnU-Net network with adapters; variants set the class attributes only.
 
     Attributes:
         adapters: what is inserted and what trains (``adapters.AdapterSettings``).
         optim: the two learning rates.
-        num_epochs_override, iterations_per_epoch_override, val_iterations_per_epoch_override: schedule length.
+        (schedule: see ``training.ScheduledTrainer``)
     """
 
     adapters: ClassVar[AdapterSettings] = AdapterSettings()
     optim: ClassVar[FinetuneOptimizer] = FinetuneOptimizer()
-    num_epochs_override: ClassVar[int | None] = None
-    iterations_per_epoch_override: ClassVar[int | None] = None
-    val_iterations_per_epoch_override: ClassVar[int | None] = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = self.optim.head_lr
         self.weight_decay = self.optim.weight_decay
-        if self.num_epochs_override is not None:
-            self.num_epochs = self.num_epochs_override
-        if self.iterations_per_epoch_override is not None:
-            self.num_iterations_per_epoch = self.iterations_per_epoch_override
-        if self.val_iterations_per_epoch_override is not None:
-            self.num_val_iterations_per_epoch = self.val_iterations_per_epoch_override
         self.source_checkpoint: str | None = None
         self._adapted = False  # adapters inserted (and frozen, optimizer built) on this network
         self._wrap = {"compile": False, "ddp": False}

@@ -69,17 +69,22 @@ def dataset_folder(root: Path, dataset: str | int, variable: str = "", what: str
                             f"check -d and {variable or 'the folder'}")
 
 
+def _dataset_in(variable: str, dataset: str | int, advice: str) -> Path:
+    try:
+        return dataset_folder(nnunet_folder(variable), dataset, variable)
+    except FileNotFoundError as error:
+        if "does not exist" in str(error):  # the variable's folder itself: its own message says what to do
+            raise
+        raise FileNotFoundError(f"{error}. {advice}") from None
+
+
 def preprocessed_dataset(dataset: str | int) -> Path:
     """``$nnUNet_preprocessed/DatasetXXX_Name``: where nnUNetv2_plan_and_preprocess wrote plans and data.
 
     Raises:
         ValueError, FileNotFoundError: the variable is unset or wrong, or the dataset was not planned yet.
     """
-    root = nnunet_folder("nnUNet_preprocessed")
-    try:
-        return dataset_folder(root, dataset, "nnUNet_preprocessed")
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"{error}. Plan it first: nnUNetv2_plan_and_preprocess -d {dataset}") from None
+    return _dataset_in("nnUNet_preprocessed", dataset, f"Plan it first: nnUNetv2_plan_and_preprocess -d {dataset}")
 
 
 def raw_dataset(dataset: str | int) -> Path:
@@ -88,9 +93,5 @@ def raw_dataset(dataset: str | int) -> Path:
     Raises:
         ValueError, FileNotFoundError: the variable is unset or wrong, or there is no such raw dataset.
     """
-    root = nnunet_folder("nnUNet_raw")
-    try:
-        return dataset_folder(root, dataset, "nnUNet_raw")
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"{error}. Convert it first (rep3d-nnunet convert / synthetic, or nnU-Net's "
-                                f"dataset conversion)") from None
+    return _dataset_in("nnUNet_raw", dataset, "Convert it first (rep3d-nnunet convert / synthetic, or nnU-Net's "
+                                               "dataset conversion)")

@@ -142,17 +142,14 @@ def build_optimizer(network: nn.Module, optim: OptimizerSettings, num_epochs: in
     return optimizer, PolyLRPerGroup(optimizer, num_epochs)
 
 
-class Rep3DTrainer(nnUNetTrainer):
-    """nnUNetTrainer with a Rep3D network. Variants set the class attributes below and nothing else.
+class ScheduledTrainer(nnUNetTrainer):
+    """nnUNetTrainer whose schedule length comes from class attributes (the variant table's schedule suffixes).
 
     Attributes:
-        rep3d: the network's Rep3D settings.
-        optim: optimizer settings.
-        num_epochs_override, iterations_per_epoch_override: schedule length (None keeps nnU-Net's 1000 x 250).
+        num_epochs_override, iterations_per_epoch_override, val_iterations_per_epoch_override: None keeps nnU-Net's
+            1000 epochs x 250 iterations (and 50 validation iterations).
     """
 
-    rep3d: ClassVar[Rep3DSettings] = Rep3DSettings()
-    optim: ClassVar[OptimizerSettings] = OptimizerSettings()
     num_epochs_override: ClassVar[int | None] = None
     iterations_per_epoch_override: ClassVar[int | None] = None
     val_iterations_per_epoch_override: ClassVar[int | None] = None
@@ -160,14 +157,32 @@ class Rep3DTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = self.optim.lr
-        self.weight_decay = self.optim.weight_decay
         if self.num_epochs_override is not None:
             self.num_epochs = self.num_epochs_override
         if self.iterations_per_epoch_override is not None:
             self.num_iterations_per_epoch = self.iterations_per_epoch_override
         if self.val_iterations_per_epoch_override is not None:
             self.num_val_iterations_per_epoch = self.val_iterations_per_epoch_override
+
+
+class Rep3DTrainer(ScheduledTrainer):
+    """nnUNetTrainer with a Rep3D network. Variants set the class attributes below and nothing else.
+
+    Attributes:
+        rep3d: the network's Rep3D settings.
+        optim: optimizer settings.
+        (schedule: see ``ScheduledTrainer``)
+    """
+
+    rep3d: ClassVar[Rep3DSettings] = Rep3DSettings()
+    optim: ClassVar[OptimizerSettings] = OptimizerSettings()
+
+    # nnUNetTrainer records its constructor's arguments by name (for checkpoints): the signature is spelled out
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = self.optim.lr
+        self.weight_decay = self.optim.weight_decay
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,

@@ -153,6 +153,13 @@ def _finetuning_methods() -> dict[str, Method]:
 
 METHODS.update(_finetuning_methods())
 
+
+def finetuning_trainer(method: str, head: str) -> str:
+    """The fine-tuning variant of ``method`` (a name of ``_FINETUNE_KINDS``) that trains ``head``."""
+    if method not in _FINETUNE_KINDS:
+        raise ValueError(f"{method!r} is not a fine-tuning method; they are {', '.join(_FINETUNE_KINDS)}.")
+    return method if METHODS[method].adapters.head == head else method + _OTHER_HEAD[METHODS[method].adapters.head][1]
+
 SCHEDULES: dict[str, Schedule | None] = {
     "": None,  # the method's own schedule
     **{f"_{n}epoch" + ("s" if n > 1 else ""): Schedule(n) for n in (1, 5, 10, 20, 50, 100, 250, 500, 750, 2000)},

@@ -84,8 +84,11 @@ def test_training_and_eval_forwards_are_one_graph(family, plan):
         trainer, configuration = "nnUNetTrainerRep3DPaper", _configuration(3, (64, 32, 32), (1.0,) * 3)
     else:
         trainer, configuration = FAMILIES[family], _configuration(*PLANS[plan])
-    network = build_network(trainer, configuration)
-    x = _input(configuration, 2)
+    assert_one_graph(build_network(trainer, configuration), _input(configuration, 2))
+
+
+def assert_one_graph(network: torch.nn.Module, x: torch.Tensor) -> None:
+    """torch._dynamo.explain of a training forward and of an eval (no_grad) forward: one graph, no break."""
     for mode in ("train", "eval"):
         getattr(network, mode)()
         torch._dynamo.reset()
@@ -94,6 +97,7 @@ def test_training_and_eval_forwards_are_one_graph(family, plan):
         reasons = [r.reason.splitlines()[0] for r in explanation.break_reasons]
         assert explanation.graph_break_count == 0, (mode, reasons)
         assert explanation.graph_count == 1, mode
+    torch._dynamo.reset()
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:

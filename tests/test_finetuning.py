@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-import torch._dynamo
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -24,7 +23,7 @@ from rep3d_nnunet.export import folded_copy
 from rep3d_nnunet.finetuning import FinetuneOptimizer, SourceCheckpointError, check_source, trainable_parameter_groups
 from rep3d_nnunet.splits import make_split
 from rep3d_nnunet.variants import METHODS, make_trainer_class
-from tests.test_compile import PLANS, _configuration, _input, build_network
+from tests.test_compile import PLANS, _configuration, _input, assert_one_graph, build_network
 
 
 def _plain_network(plan: str = "3d_anisotropic", seed: int = 0) -> tuple[torch.nn.Module, object]:
@@ -58,7 +57,8 @@ def test_kernels_are_capped_by_the_feature_map_and_flat_where_the_plan_is_flat()
     kernels = [m.kernel_size for n, m in network.named_modules()
                if n.endswith("spatial") and n.startswith("encoder")]
     assert kernels == [(1, 31, 31), (15, 15, 15), (7, 7, 7)]
-    small = [m.small_kernel_size for n, m in network.named_modules() if n.startswith("encoder") and n.endswith("spatial")]
+    small = [m.small_kernel_size for n, m in network.named_modules()
+             if n.startswith("encoder") and n.endswith("spatial")]
     assert small == [(1, 5, 5), (5, 5, 5), (5, 5, 5)]
 
 
@@ -145,14 +145,7 @@ def test_folding_merges_the_two_kernels_exactly(trainer):
 def test_the_adapted_network_is_one_graph(plan):
     network, configuration = _plain_network(plan)
     insert_adapters(network, AdapterSettings(), configuration.patch_size)
-    x = _input(configuration, 2)
-    for mode in ("train", "eval"):
-        getattr(network, mode)()
-        torch._dynamo.reset()
-        with torch.set_grad_enabled(mode == "train"):
-            explanation = torch._dynamo.explain(network)(x)
-        assert explanation.graph_break_count == 0 and explanation.graph_count == 1, mode
-    torch._dynamo.reset()
+    assert_one_graph(network, _input(configuration, 2))
 
 
 def _checkpoint(network, configuration="3d_fullres"):

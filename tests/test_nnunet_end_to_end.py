@@ -72,8 +72,9 @@ def test_five_folds_find_best_configuration_ensemble_export_and_predict(nnunet_t
     root, env, dataset = nnunet_tree
     d = str(DATASET_ID)
     # --npz keeps the validation softmax that find_best_configuration ensembles
-    run_in_pairs([["nnUNetv2_train", d, configuration, str(fold), "-tr", TINY_TRAINER, "-p", PLANS, "-device", "cpu",
-                   "--npz"] for configuration in ("2d", "3d_fullres") for fold in range(5)], training_environment(env))
+    run_in_pairs([(["nnUNetv2_train", d, configuration, str(fold), "-tr", TINY_TRAINER, "-p", PLANS, "-device",
+                    "cpu", "--npz"], training_environment(env))
+                  for configuration in ("2d", "3d_fullres") for fold in range(5)])
     run(["nnUNetv2_find_best_configuration", d, "-c", "2d", "3d_fullres", "-tr", TINY_TRAINER, "-p", PLANS,
          "-np", "1"], env)
     trained = _model_folder(env, dataset, PLANS, "3d_fullres")
@@ -82,8 +83,8 @@ def test_five_folds_find_best_configuration_ensemble_export_and_predict(nnunet_t
 
     predict = ["nnUNetv2_predict", "-i", str(dataset / "imagesTs"), "-d", d, "-tr", TINY_TRAINER,
                "-device", "cpu", "-npp", "1", "-nps", "1", "--save_probabilities"]
-    run([*predict, "-o", str(root / "pred_3d"), "-c", "3d_fullres", "-p", PLANS], env)
-    run([*predict, "-o", str(root / "pred_2d"), "-c", "2d", "-p", PLANS], env)
+    run_in_pairs([([*predict, "-o", str(root / "pred_3d"), "-c", "3d_fullres", "-p", PLANS], env),
+                  ([*predict, "-o", str(root / "pred_2d"), "-c", "2d", "-p", PLANS], env)])
 
     result = run(["rep3d-nnunet", "export", str(trained)], env)
     exported = _model_folder(env, dataset, f"{PLANS}_folded", "3d_fullres")
@@ -99,13 +100,15 @@ def test_five_folds_find_best_configuration_ensemble_export_and_predict(nnunet_t
 
     # A deployed model needs the package only: no nnUNet_extTrainer, at its place and installed from a zip elsewhere.
     deploy_env = {k: v for k, v in env.items() if k != "nnUNet_extTrainer"}
-    run([*predict, "-o", str(root / "pred_3d_folded"), "-c", "3d_fullres", "-p", f"{PLANS}_folded"], deploy_env)
     run(["nnUNetv2_export_model_to_zip", "-d", d, "-o", str(root / "folded.zip"), "-c", "3d_fullres",
          "-tr", TINY_TRAINER, "-p", f"{PLANS}_folded"], deploy_env)
     elsewhere = {**deploy_env, "nnUNet_results": str(root / "elsewhere_results")}
     (root / "elsewhere_results").mkdir()
     run(["nnUNetv2_install_pretrained_model_from_zip", str(root / "folded.zip")], elsewhere)
-    run([*predict, "-o", str(root / "pred_3d_installed"), "-c", "3d_fullres", "-p", f"{PLANS}_folded"], elsewhere)
+    run_in_pairs([([*predict, "-o", str(root / "pred_3d_folded"), "-c", "3d_fullres", "-p", f"{PLANS}_folded"],
+                   deploy_env),
+                  ([*predict, "-o", str(root / "pred_3d_installed"), "-c", "3d_fullres", "-p", f"{PLANS}_folded"],
+                   elsewhere)])
     for case in sorted((root / "pred_3d").glob("*.nii.gz")):
         trained_seg = sitk.GetArrayFromImage(sitk.ReadImage(str(case)))
         for deployed in ("pred_3d_folded", "pred_3d_installed"):
@@ -215,39 +218,40 @@ def test_benchmark_trainer_writes_nnunets_benchmark_json(nnunet_tree, monkeypatc
     assert entry["gpu_name"] == "CPU stand-in" and entry["num_gpus"] == 1 and entry["fastest_epoch"] > 0
 
 
-@pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])
-def test_dka_finetunes_a_pretrained_rep3d_network_exports_and_predicts(nnunet_tree, configuration):
-    """nnUNetv2_train -pretrained_weights with a DKA trainer: the Rep3D source is rebuilt from the checkpoint's
-    trainer, frozen weights stay the source's key by key, the export predicts like the trained folder."""
+def test_dka_finetunes_a_pretrained_rep3d_network_exports_and_predicts(nnunet_tree):
+    """nnUNetv2_train -pretrained_weights with a DKA trainer, 2D and 3D: the Rep3D source is rebuilt from the
+    checkpoint's trainer, frozen weights stay the source's key by key, the export predicts like the trained folder."""
     root, env, dataset = nnunet_tree
     d = str(DATASET_ID)
-    source = _source_checkpoint(env, dataset, configuration)
-    run(["nnUNetv2_train", d, configuration, "0", "-tr", TINY_DKA_TRAINER, "-p", PLANS, "-device", "cpu",
-         "-pretrained_weights", str(source)], training_environment(env))
-    tuned = _model_folder(env, dataset, PLANS, configuration, TINY_DKA_TRAINER)
-    architecture = json.loads((tuned / "plans.json").read_text())["configurations"][configuration]["architecture"]
-    assert architecture["dka"] == {"source_trainer": TINY_TRAINER}
-
-    tuned_weights = torch.load(tuned / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"]
-    source_weights = torch.load(source, weights_only=False)["network_weights"]
-    adapter_keys = [k for k in tuned_weights if ".dka_adapter." in k]
-    assert adapter_keys and set(source_weights) <= set(tuned_weights)
-    for key, value in source_weights.items():
-        if ".seg_layers." not in key:  # the head trains; everything else is the frozen source
-            assert torch.equal(tuned_weights[key], value), key
-    assert any(not torch.equal(tuned_weights[k], source_weights[k]) for k in source_weights if ".seg_layers." in k)
-
-    exported = root / f"dka_folded_{configuration}"
-    run(["rep3d-nnunet", "export", str(tuned), "-o", str(exported)], env)
+    configurations = ("2d", "3d_fullres")
+    sources = {c: _source_checkpoint(env, dataset, c) for c in configurations}
+    run_in_pairs([(["nnUNetv2_train", d, c, "0", "-tr", TINY_DKA_TRAINER, "-p", PLANS, "-device", "cpu",
+                    "-pretrained_weights", str(sources[c])], training_environment(env)) for c in configurations])
     deploy_env = {k: v for k, v in env.items() if k != "nnUNet_extTrainer"}
-    for folder, folder_env, output in ((tuned, env, "dka_trained"), (exported, deploy_env, "dka_exported")):
-        run(["nnUNetv2_predict_from_modelfolder", "-i", str(dataset / "imagesTs"), "-o",
-             str(root / f"{output}_{configuration}"), "-m", str(folder), "-f", "0", "-device", "cpu", "-npp", "1",
-             "-nps", "1"], folder_env)
-    for case in sorted((root / f"dka_trained_{configuration}").glob("*.nii.gz")):
-        trained_seg = sitk.GetArrayFromImage(sitk.ReadImage(str(case)))
-        exported_seg = sitk.GetArrayFromImage(sitk.ReadImage(str(root / f"dka_exported_{configuration}" / case.name)))
-        np.testing.assert_array_equal(trained_seg, exported_seg)
+    predictions = []
+    for c in configurations:
+        tuned = _model_folder(env, dataset, PLANS, c, TINY_DKA_TRAINER)
+        architecture = json.loads((tuned / "plans.json").read_text())["configurations"][c]["architecture"]
+        assert architecture["dka"] == {"source_trainer": TINY_TRAINER}
+        tuned_weights = torch.load(tuned / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"]
+        source_weights = torch.load(sources[c], weights_only=False)["network_weights"]
+        assert any(".dka_adapter." in k for k in tuned_weights) and set(source_weights) <= set(tuned_weights)
+        for key, value in source_weights.items():
+            if ".seg_layers." not in key:  # the head trains; everything else is the frozen source
+                assert torch.equal(tuned_weights[key], value), (c, key)
+        assert any(not torch.equal(tuned_weights[k], v) for k, v in source_weights.items() if ".seg_layers." in k)
+        exported = root / f"dka_folded_{c}"
+        run(["rep3d-nnunet", "export", str(tuned), "-o", str(exported)], env)
+        for folder, folder_env, output in ((tuned, env, "dka_trained"), (exported, deploy_env, "dka_exported")):
+            predictions.append((["nnUNetv2_predict_from_modelfolder", "-i", str(dataset / "imagesTs"), "-o",
+                                 str(root / f"{output}_{c}"), "-m", str(folder), "-f", "0", "-device", "cpu", "-npp",
+                                 "1", "-nps", "1"], folder_env))
+    run_in_pairs(predictions)
+    for c in configurations:
+        for case in sorted((root / f"dka_trained_{c}").glob("*.nii.gz")):
+            trained_seg = sitk.GetArrayFromImage(sitk.ReadImage(str(case)))
+            exported_seg = sitk.GetArrayFromImage(sitk.ReadImage(str(root / f"dka_exported_{c}" / case.name)))
+            np.testing.assert_array_equal(trained_seg, exported_seg)
 
 
 def test_dka_refuses_a_missing_or_mismatched_pretrained_network(nnunet_tree, monkeypatch, capsys):
@@ -271,3 +275,25 @@ def test_dka_refuses_a_missing_or_mismatched_pretrained_network(nnunet_tree, mon
         trainer.on_train_start()  # nnUNetv2_train without -pretrained_weights
     assert exit_info.value.code == 2
     assert "add -pretrained_weights" in capsys.readouterr().err
+
+
+def test_dka_resumes_from_its_own_checkpoint(nnunet_tree, monkeypatch):
+    """--c and --val load a fine-tuned checkpoint: source network, adapters and the adapted optimizer first."""
+    root, env, dataset = nnunet_tree
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+        monkeypatch.setenv(name, env[name])
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    tuned = _model_folder(env, dataset, PLANS, "3d_fullres", TINY_DKA_TRAINER) / "fold_0" / "checkpoint_final.pth"
+    if not tuned.is_file():
+        pytest.skip("needs the fine-tuning of test_dka_finetunes_a_pretrained_rep3d_network_exports_and_predicts")
+    trainer = get_trainer_from_args(str(DATASET_ID), "3d_fullres", 0, TINY_DKA_TRAINER, PLANS, continue_training=True,
+                                    device=torch.device("cpu"))
+    trainer.load_checkpoint(str(tuned))
+    saved = torch.load(tuned, weights_only=False)
+    state = trainer.network.state_dict()
+    assert set(state) == set(saved["network_weights"])
+    assert all(torch.equal(state[k], v) for k, v in saved["network_weights"].items())
+    trained = {n for n, p in trainer.network.named_parameters() if p.requires_grad}
+    assert trained and all(".dka_adapter." in n or ".seg_layers." in n for n in trained)
+    assert trainer.optimizer.state_dict()["state"], "the adapted optimizer's moments are restored"
