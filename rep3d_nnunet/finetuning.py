@@ -268,7 +268,9 @@ class DKATrainer(ScheduledTrainer):
                 self.label_manager.num_segmentation_heads, self.enable_deep_supervision).to(self.device)
         if any(is_adapter_parameter(k) for k in checkpoint["network_weights"]) or self.adapters.kind == "none":
             self._adapt()
-        super().load_checkpoint(checkpoint)
+        # nnU-Net 2.8.1 only handles a file name here (a dict leaves its local ``checkpoint`` unbound), and a file
+        # name is all nnU-Net itself ever passes
+        super().load_checkpoint(filename_or_checkpoint)
 
     def configure_optimizers(self):
         groups = trainable_parameter_groups(_bare(self.network), self.adapters, self.optim)
