@@ -54,6 +54,9 @@ METHODS = {
     "DKA (dual), decoder head": ("nnUNetTrainerDKA", "decoder"),
     "linear probing, decoder head": ("nnUNetTrainerDKA_LinearProbe", "decoder"),
 }
+# controls outside the paper's rates: is linear probing low because a head at 1e-4 barely moves in this budget?
+HEAD_LR = {"linear probing, head lr 1e-3": 1e-3}
+METHODS["linear probing, head lr 1e-3"] = ("nnUNetTrainerDKA_LinearProbe", "seg_layers")
 CSV_FIELDS = ["seed", "training_cases", "method", "trainer", "dice_class_1", "dice_class_2", "mean_dice",
               "seconds", "seconds_per_iteration", "device"]
 
@@ -132,9 +135,9 @@ def write_target_split(training_cases: int, seed: int) -> list[str]:
     return lowdata["test"]
 
 
-def benchmark_trainer(name: str, epochs: int, iterations: int):
-    """The method's trainer with the run length set, one validation batch per epoch and no final validation (the
-    held-out test cases are evaluated instead)."""
+def benchmark_trainer(name: str, epochs: int, iterations: int, head_lr: float | None = None):
+    """The method's trainer with the run length (and, for a control, the head's rate) set, one validation batch per
+    epoch and no final validation (the held-out test cases are evaluated instead)."""
     from rep3d_nnunet.variants import make_trainer_class
 
     base = make_trainer_class(name)
@@ -143,6 +146,7 @@ def benchmark_trainer(name: str, epochs: int, iterations: int):
         num_epochs_override = epochs
         iterations_per_epoch_override = iterations
         val_iterations_per_epoch_override = 1
+        optim = base.optim if head_lr is None else base.optim.replace(head_lr=head_lr)
 
         def perform_actual_validation(self, save_probabilities: bool = False):
             pass
@@ -188,7 +192,7 @@ def run_method(label: str, training_cases: int, seed: int, source: Path, test_ca
     torch.manual_seed(seed)
     np.random.seed(seed)
     trainer_name = finetuning_trainer(*METHODS[label])
-    trainer = benchmark_trainer(trainer_name, args.epochs, args.iterations)(
+    trainer = benchmark_trainer(trainer_name, args.epochs, args.iterations, HEAD_LR.get(label))(
         plans, "3d_fullres", 0, dataset_json, torch.device(args.device))
     started = time.time()
     maybe_load_checkpoint(trainer, False, False, str(source))  # nnUNetv2_train's -pretrained_weights path
@@ -209,7 +213,7 @@ def summary_table(rows: list[dict]) -> str:
     counts = sorted({int(r["training_cases"]) for r in rows})
     lines = [f"Mean Dice over classes 1 and 2 on the 5 held-out target cases, mean ± std over seeds "
              f"{', '.join(map(str, seeds))} [min, max]\n",
-             "| method | " + " | ".join(f"{n} case{'s' if n > 1 else ''}" for n in counts) + " | s / it |",
+             "| method | " + " | ".join(f"{n} case{'s' if n > 1 else ''}" for n in counts) + " | median s / it |",
              "| --- |" + " --- |" * (len(counts) + 1)]
     for method in dict.fromkeys(r["method"] for r in rows):
         cells = []
@@ -217,7 +221,8 @@ def summary_table(rows: list[dict]) -> str:
             values = [float(r["mean_dice"]) for r in rows if r["method"] == method and int(r["training_cases"]) == n]
             cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
                          if values else "-")
-        speed = np.mean([float(r["seconds_per_iteration"]) for r in rows if r["method"] == method])
+        # the median: a run that shared the cores with another job must not move it
+        speed = np.median([float(r["seconds_per_iteration"]) for r in rows if r["method"] == method])
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {speed:.2f} |")
     return "\n".join(lines) + "\n"
 
