@@ -33,14 +33,15 @@ from rep3d_nnunet.training import OptimizerSettings, build_optimizer
 NUM_CLASSES = 3
 
 
-def default_plan(patch: int) -> dict:
-    """arch_kwargs of nnU-Net's default 3d_fullres plan for an isotropic patch (features 32 doubling, cap 320)."""
+def default_plan(patch: int, max_features: int = 320) -> dict:
+    """arch_kwargs of nnU-Net's default 3d_fullres plan for an isotropic patch (features 32 doubling, capped at
+    ``max_features``: nnU-Net's 320 unless a smoke run asks for less)."""
     _, strides, kernels, patch_size, _ = get_pool_and_conv_props([1.0] * 3, [patch] * 3, 4, 999999)
     n = len(strides)
     return {
         "patch_size": list(patch_size),
         "arch": {
-            "n_stages": n, "features_per_stage": [min(320, 32 * 2 ** i) for i in range(n)],
+            "n_stages": n, "features_per_stage": [min(max_features, 32 * 2 ** i) for i in range(n)],
             "conv_op": torch.nn.Conv3d, "kernel_sizes": kernels, "strides": strides, "n_conv_per_stage": [2] * n,
             "n_conv_per_stage_decoder": [2] * (n - 1), "conv_bias": True, "norm_op": torch.nn.InstanceNorm3d,
             "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,

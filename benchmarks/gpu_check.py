@@ -64,11 +64,12 @@ class Sizes:
     train_cases: int
     train_size: int
     train_iterations: int
+    max_features: int = 320  # nnU-Net's cap; the smoke run keeps the network small
 
     @classmethod
     def for_run(cls, smoke: bool, patch: int, batch: int, repeats: int) -> "Sizes":
         if smoke:
-            return cls((1, 4, 12), 21, 32, 1, 1, 4, 24, 2)
+            return cls((1, 4, 12), 21, 32, 1, 1, 5, 24, 2, max_features=32)  # 5 cases: nnU-Net splits 5 folds
         return cls((2, 48, 64), 21, patch, batch, repeats, 16, 96, 50)
 
 
@@ -137,7 +138,7 @@ def section_calibrate(device, sizes, args) -> list[Row]:
 def section_network(device, sizes, args) -> list[Row]:
     from bench_network import default_plan, measure
 
-    plan = default_plan(sizes.patch)
+    plan = default_plan(sizes.patch, sizes.max_features)
     modes = [(True, False)] + ([(True, True)] if device.type == "cuda" else [])
     variants = ["nnunet", "rep3d", "rep3d-none"]
     results = measure(device, plan, sizes.batch, variants, modes, max(sizes.repeats, 1), warmup=2)
@@ -165,7 +166,7 @@ def section_inference(device, sizes, args) -> list[Row]:
     from bench_network import default_plan
     from bench_predict import inference_network
 
-    plan = default_plan(sizes.patch)
+    plan = default_plan(sizes.patch, sizes.max_features)
     x = torch.randn(1, 1, *plan["patch_size"], generator=torch.Generator().manual_seed(0)).to(device)
     times = {}
     for name in ("nnunet", "rep3d-folded"):
@@ -239,7 +240,9 @@ def section_train(device, sizes, args) -> list[Row]:
     rows += [Row("train", f"epoch {i + 1}", f"{t:.1f} s", "includes the compile" if i == 0 and compiled else "")
              for i, t in enumerate(epochs)]
     if dice:
-        rows.append(Row("train", "pseudo Dice after epoch 2", dice[-1]))
+        # nnU-Net logs numpy scalars, "np.float32(0.41)": keep the numbers
+        values = re.findall(r"[-+]?\d*\.\d+(?:e[-+]?\d+)?|\d+(?=\))", dice[-1])
+        rows.append(Row("train", "pseudo Dice after epoch 2", ", ".join(values) or dice[-1]))
     return rows
 
 
