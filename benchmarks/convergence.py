@@ -315,10 +315,11 @@ def _draw(plt, rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def write_report(rows: list[dict], output: Path) -> None:
-    plot(rows, output / "convergence.png")
-    table = summary_table(rows)
-    (output / "convergence.md").write_text(table)
+def write_report(rows: list[dict], output: Path, stem: str = "convergence", draw=None, tabulate=None) -> None:
+    """``stem``.png, ``stem``.md (and the table on stdout); other benchmarks pass their own ``draw`` and ``tabulate``."""
+    (draw or plot)(rows, output / f"{stem}.png")
+    table = (tabulate or summary_table)(rows)
+    (output / f"{stem}.md").write_text(table)
     print(table)
 
 

@@ -37,6 +37,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+import convergence  # noqa: E402
 from convergence import dice_per_class, read_rows, set_nnunet_paths, write_bench_plans  # noqa: E402
 
 SOURCE_ID, TARGET_ID = 850, 851
@@ -256,10 +257,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def write_report(rows: list[dict], output: Path) -> None:
-    plot(rows, output / "transfer.png")
-    table = summary_table(rows)
-    (output / "transfer.md").write_text(table)
-    print(table)
+    convergence.write_report(rows, output, "transfer", draw=plot, tabulate=summary_table)
 
 
 def main(argv=None) -> int:
