@@ -129,7 +129,7 @@ def test_anisotropic_dataset_trains_and_predicts(tmp_path):
     dataset = generate_synthetic_dataset(Path(env["nnUNet_raw"]), ANISOTROPIC_ID, task="local", num_training=5,
                                          num_test=1, size=(8, 40, 40), spacing=(3.0, 0.8, 0.8), seed=5)
     d = str(ANISOTROPIC_ID)
-    run(["nnUNetv2_plan_and_preprocess", "-d", d, "-c", "3d_fullres", "-np", "1"], env)
+    # rep3d-nnunet plan alone: nnU-Net's fingerprint, the Rep3D plans and nnU-Net's preprocessing in one command
     run(["rep3d-nnunet", "plan", "-d", d, "-c", "3d_fullres", "--base-features", "4", "--max-features", "16",
          "-np", "1"], env)
     plans = json.loads((Path(env["nnUNet_preprocessed"]) / dataset.name / f"{PLANS}.json").read_text())
@@ -228,6 +228,8 @@ def test_dka_finetunes_a_pretrained_rep3d_network_exports_and_predicts(nnunet_tr
     run_in_pairs([(["nnUNetv2_train", d, c, "0", "-tr", TINY_DKA_TRAINER, "-p", PLANS, "-device", "cpu",
                     "-pretrained_weights", str(sources[c])], training_environment(env)) for c in configurations])
     deploy_env = {k: v for k, v in env.items() if k != "nnUNet_extTrainer"}
+    run_in_pairs([(["rep3d-nnunet", "export", str(_model_folder(env, dataset, PLANS, c, TINY_DKA_TRAINER)), "-o",
+                    str(root / f"dka_folded_{c}")], env) for c in configurations])
     predictions = []
     for c in configurations:
         tuned = _model_folder(env, dataset, PLANS, c, TINY_DKA_TRAINER)
@@ -241,7 +243,6 @@ def test_dka_finetunes_a_pretrained_rep3d_network_exports_and_predicts(nnunet_tr
                 assert torch.equal(tuned_weights[key], value), (c, key)
         assert any(not torch.equal(tuned_weights[k], v) for k, v in source_weights.items() if ".seg_layers." in k)
         exported = root / f"dka_folded_{c}"
-        run(["rep3d-nnunet", "export", str(tuned), "-o", str(exported)], env)
         for folder, folder_env, output in ((tuned, env, "dka_trained"), (exported, deploy_env, "dka_exported")):
             predictions.append((["nnUNetv2_predict_from_modelfolder", "-i", str(dataset / "imagesTs"), "-o",
                                  str(root / f"{output}_{c}"), "-m", str(folder), "-f", "0", "-device", "cpu", "-npp",
