@@ -190,8 +190,8 @@ def run_demo(settings: DemoSettings) -> list[dict]:
           f"per stage, for both networks alike (CPU-sized)")
 
     print(f"\n# 3. train fold 0 with both trainers, {settings.epochs} x {settings.iterations_per_epoch} iterations "
-          f"each "
-          f"(the trainer file nnU-Net finds through nnUNet_extTrainer: {trainers_folder / 'nnUNetTrainerDemo.py'})")
+          f"each (the trainer file nnU-Net finds through nnUNet_extTrainer: "
+          f"{trainers_folder / 'nnUNetTrainerDemo.py'})")
     seconds = {}
     for trainer in DEMO_TRAINERS.values():
         seconds[trainer] = _run([_bin("nnUNetv2_train"), d, c, "0", "-tr", trainer, "-p", DEMO_PLANS, "-device",

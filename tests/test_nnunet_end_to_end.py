@@ -228,11 +228,13 @@ def test_dka_finetunes_a_pretrained_rep3d_network_exports_and_predicts(nnunet_tr
     run_in_pairs([(["nnUNetv2_train", d, c, "0", "-tr", TINY_DKA_TRAINER, "-p", PLANS, "-device", "cpu",
                     "-pretrained_weights", str(sources[c])], training_environment(env)) for c in configurations])
     deploy_env = {k: v for k, v in env.items() if k != "nnUNet_extTrainer"}
-    run_in_pairs([(["rep3d-nnunet", "export", str(_model_folder(env, dataset, PLANS, c, TINY_DKA_TRAINER)), "-o",
-                    str(root / f"dka_folded_{c}")], env) for c in configurations])
+    tuned_folders = {c: _model_folder(env, dataset, PLANS, c, TINY_DKA_TRAINER) for c in configurations}
+    exported_folders = {c: root / f"dka_folded_{c}" for c in configurations}
+    run_in_pairs([(["rep3d-nnunet", "export", str(tuned_folders[c]), "-o", str(exported_folders[c])], env)
+                  for c in configurations])
     predictions = []
     for c in configurations:
-        tuned = _model_folder(env, dataset, PLANS, c, TINY_DKA_TRAINER)
+        tuned, exported = tuned_folders[c], exported_folders[c]
         architecture = json.loads((tuned / "plans.json").read_text())["configurations"][c]["architecture"]
         assert architecture["dka"] == {"source_trainer": TINY_TRAINER}
         tuned_weights = torch.load(tuned / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"]
@@ -242,7 +244,6 @@ def test_dka_finetunes_a_pretrained_rep3d_network_exports_and_predicts(nnunet_tr
             if ".seg_layers." not in key:  # the head trains; everything else is the frozen source
                 assert torch.equal(tuned_weights[key], value), (c, key)
         assert any(not torch.equal(tuned_weights[k], v) for k, v in source_weights.items() if ".seg_layers." in k)
-        exported = root / f"dka_folded_{c}"
         for folder, folder_env, output in ((tuned, env, "dka_trained"), (exported, deploy_env, "dka_exported")):
             predictions.append((["nnUNetv2_predict_from_modelfolder", "-i", str(dataset / "imagesTs"), "-o",
                                  str(root / f"{output}_{c}"), "-m", str(folder), "-f", "0", "-device", "cpu", "-npp",
