@@ -17,13 +17,28 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .modulation import KernelModulation, check_generator, check_kernel_size, check_modulation_mode
-from .ops import depthwise_conv, fft_workspace_voxels, choose_backend
+from .ops import apply_prepared_kernel, choose_backend, depthwise_conv, fft_workspace_voxels, prepare_kernel
 
 _POINTWISE_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 
 
+# Masks kept per modulated conv in eval mode, one per distinct set of weights: nnU-Net's predictor loads every fold's
+# weights before every case, so a 5-fold ensemble (or folds 0-4 and "all") cycles through up to 6 of them.
+EVAL_MASKS_KEPT = 8
+
+
 def _has_key_under(state_dict: dict, prefix: str) -> bool:
     return any(key.startswith(prefix) for key in state_dict)
+
+
+def _state_key(tensors) -> tuple:
+    """Changes whenever one of the tensors is replaced or modified in place (an optimizer step, load_state_dict)."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+
+
+def _same_contents(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(
+        x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y) for x, y in zip(a, b))
 
 
 class ModulatedDepthwiseConv(nn.Module):
@@ -93,34 +108,58 @@ class ModulatedDepthwiseConv(nn.Module):
             nn.init.kaiming_uniform_(self.small_weight, a=5 ** 0.5)
             self.small_bias = nn.Parameter(torch.zeros(channels)) if bias else None
         self.is_folded = False
-        self._mask_cache: tuple | None = None
+        self._clear_eval_caches()
         if deploy:
             self._to_folded_structure()
 
     # ---- the training-time kernel ----
     def mask(self) -> torch.Tensor:
-        """M, shape [C or 1, 1, *k]; in eval mode without autograd computed in float64, cached when eager.
+        """M, shape [C or 1, 1, *k]; in eval mode without autograd computed in float64 and, when eager, cached.
 
-        The eval-mode cache is keyed on the parameters' storage and version counters, Python state that
-        torch.compile cannot trace; compiled eval forwards (nnU-Net's validation) recompute the same float64 mask
-        in the graph instead, a few kernel-sized ops.
+        Training forwards compute M in every step (gradients reach beta and the generator). In eval mode M is a
+        constant: it is computed once per distinct content of the modulation's parameters (``EVAL_MASKS_KEPT``
+        kept, most recently used first), so reloading the same weights, or switching between the folds of an
+        ensemble, finds its mask again by comparing contents. Compiled eval forwards (nnU-Net's validation) recompute
+        the same float64 mask in the graph instead: the cache is Python state that torch.compile cannot trace.
         """
         if self.training or torch.is_grad_enabled():
             return self.modulation()
         if torch.compiler.is_compiling():
             return self.modulation(torch.float64).to(self.weight.dtype)
-        tensors = list(self.modulation.parameters()) + list(self.modulation.buffers())
-        key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
-        if self._mask_cache is None or self._mask_cache[0] != key:
-            # float64, rounded once: the generator's norm reductions then give the same float32 mask whatever the
-            # thread count, so folded weights (computed at export) match the trained model's runtime mask bit for bit.
-            self._mask_cache = (key, self.modulation(torch.float64).to(self.weight.dtype))
-        return self._mask_cache[1]
+        tensors = [*self.modulation.parameters(), *self.modulation.buffers()]
+        key = _state_key(tensors) + (self.weight.dtype,)
+        if self._mask_key != key:
+            self._current_mask = self._mask_for_contents(tensors)
+            self._mask_key = key
+        return self._current_mask
+
+    def _mask_for_contents(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        for index, (snapshot, mask) in enumerate(self._eval_masks):
+            if mask.dtype == self.weight.dtype and _same_contents(snapshot, tensors):
+                self._eval_masks.insert(0, self._eval_masks.pop(index))
+                return mask
+        # float64, rounded once: the generator's norm reductions then give the same float32 mask whatever the
+        # thread count, so folded weights (computed at export) match the trained model's runtime mask bit for bit.
+        mask = self.modulation(torch.float64).to(self.weight.dtype)
+        self._eval_masks.insert(0, ([t.detach().clone() for t in tensors], mask))
+        del self._eval_masks[EVAL_MASKS_KEPT:]
+        return mask
+
+    def _clear_eval_caches(self) -> None:
+        self._eval_masks: list[tuple[list[torch.Tensor], torch.Tensor]] = []
+        self._mask_key: tuple | None = None
+        self._current_mask: torch.Tensor | None = None
+        self._prepared: tuple | None = None  # (key, ops.PreparedKernel) of the last eval input shape
 
     def train(self, mode: bool = True) -> "ModulatedDepthwiseConv":
         if mode:
-            self._mask_cache = None  # training changes the parameters; the cached mask would only hold memory
+            self._clear_eval_caches()  # training changes the parameters; the cached tensors would only hold memory
         return super().train(mode)
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        # copies and pickles carry the weights, not tensors derived from them
+        return {**state, "_eval_masks": [], "_mask_key": None, "_current_mask": None, "_prepared": None}
 
     def effective_weight(self) -> torch.Tensor:
         """W_eff, shape [C, 1, *k]: the kernel the convolution applies."""
@@ -153,14 +192,28 @@ class ModulatedDepthwiseConv(nn.Module):
             raise ValueError(
                 f"Expected input of shape [N, {self.channels}, {'D, ' if self.dim == 3 else ''}H, W], got {tuple(x.shape)}."
             )
-        return depthwise_conv(x, self.effective_weight(), self.effective_bias(), backend=self.backend)
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return depthwise_conv(x, self.effective_weight(), self.effective_bias(), backend=self.backend)
+        return apply_prepared_kernel(x, self._prepared_kernel(x))
+
+    def _prepared_kernel(self, x: torch.Tensor):
+        """The kernel transformed for inputs like ``x`` (eval, eager): once per weights and input shape, so the tiles
+        and mirror flips of nnU-Net's sliding window share one kernel spectrum."""
+        device_type = x.device.type
+        autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
+        key = (_state_key([*self.parameters(), *self.buffers()]), tuple(x.shape[1:]), x.dtype, x.device, autocast,
+               self.backend)
+        if self._prepared is None or self._prepared[0] != key:
+            self._prepared = None  # the old spectrum is freed before the new one is made
+            self._prepared = (key, prepare_kernel(x, self.effective_weight(), self.effective_bias(), self.backend))
+        return self._prepared[1]
 
     # ---- folding ----
     def _to_folded_structure(self) -> None:
         self.modulation = None
         self.small_weight = None
         self.small_bias = None
-        self._mask_cache = None
+        self._clear_eval_caches()
         self.is_folded = True
 
     @torch.no_grad()

@@ -179,34 +179,57 @@ def _autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _fft_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan, compute: torch.dtype) -> Tensor:
-    """The depthwise conv in the frequency domain, in ``compute`` precision.
+def _prepared_spectrum(weight: Tensor, plan: _Plan, compute: torch.dtype) -> Tensor:
+    """The kernel as the forward multiplies it: its spectrum, conjugated (a correlation), in ``compute`` precision.
+
+    Args:
+        weight: [C, 1, *k].
+
+    Returns:
+        [C, *m] complex (see ``_kernel_spectrum``); without transformed axes the cropped real kernel [C, 1, ...].
+    """
+    spectrum = _kernel_spectrum(weight.to(compute), plan)
+    # Conjugates are taken physically, in place: torch's lazy conjugate views are resolved wrongly (ignored) when
+    # this runs inside a graph compiled by AOTAutograd, which silently turns the correlation into a convolution.
+    return spectrum.conj_physical_() if plan.dims else spectrum
+
+
+def _apply_spectrum(x: Tensor, spectrum: Tensor, bias: Tensor | None, plan: _Plan, compute: torch.dtype) -> Tensor:
+    """The depthwise conv of x with a ``_prepared_spectrum``, in ``compute`` precision.
 
     Args:
         x: [N, C, *spatial], or [N, 1, *spatial] read by all C filters (``fan_out_conv``: the input's spectrum
             broadcasts against the C kernel spectra, so it is transformed once).
-        weight: [C, 1, *k]; bias: [C] or None.
+        spectrum: ``_prepared_spectrum`` of a [C, 1, *k] kernel for this plan; bias: [C] or None.
 
     Returns:
         [N, C, *spatial] in ``compute``, contiguous.
     """
-    x, weight = x.to(compute), weight.to(compute)
-    spectrum = _kernel_spectrum(weight, plan)
+    x = x.to(compute)
     if plan.dims:
         xf = torch.fft.rfftn(x, s=plan.fft_shape(), dim=plan.dims)
-        # Conjugates are taken physically, in place: torch's lazy conjugate views are resolved wrongly (ignored)
-        # when this function runs inside a graph compiled by AOTAutograd, which silently turns the correlation
-        # into a convolution.
-        spectrum = spectrum.conj_physical_()
         # in place unless one shared input channel broadcasts against the C filters
         xf = xf.mul_(spectrum) if xf.shape[1] == spectrum.shape[0] else xf * spectrum
-        del spectrum
+        del spectrum  # the last reference in a training forward: freed before the inverse transform allocates
         y = _crop_to_input(torch.fft.irfftn(xf, s=plan.fft_shape(), dim=plan.dims), plan)
         del xf
     else:
         y = x * spectrum  # all radii 0: a 1-tap kernel is a per-channel scale
     # The crop is a view into the padded buffer; the add (or the copy) materialises it so the buffer is freed.
     return y + bias.to(compute).view(-1, *([1] * len(plan.spatial))) if bias is not None else y.contiguous()
+
+
+def _fft_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan, compute: torch.dtype) -> Tensor:
+    """The depthwise conv in the frequency domain, in ``compute`` precision.
+
+    Args:
+        x: [N, C, *spatial] or [N, 1, *spatial] (see ``_apply_spectrum``).
+        weight: [C, 1, *k]; bias: [C] or None.
+
+    Returns:
+        [N, C, *spatial] in ``compute``, contiguous.
+    """
+    return _apply_spectrum(x, _prepared_spectrum(weight, plan, compute), bias, plan, compute)
 
 
 def _fft_backward(grad_y: Tensor, x: Tensor, weight: Tensor, plan: _Plan, compute: torch.dtype,
@@ -379,17 +402,21 @@ def choose_backend(
     kernel_size: int | Sequence[int],
     device_type: str | torch.device = "cpu",
     requires_grad: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> str:
     """Picks ``"direct"`` or ``"fft"`` for a depthwise conv from the cost model of ``estimate_seconds``.
 
     FFT is chosen only when modelled ``_FFT_MARGIN`` (2x) faster, so the per-call overheads keep tiny tensors on
-    torch's conv; cropped kernels of at most 27 taps (3^3, 1x3x3, 1^3) always stay there.
+    torch's conv; cropped kernels of at most 27 taps (3^3, 1x3x3, 1^3) always stay there. Larger float64 kernels on
+    the CPU always take the FFT: oneDNN has no float64 convolution, and torch's fallback (``slow_conv3d``) is the
+    path that made the eval-mode LRBM masks (float64) cost seconds per network.
 
     Args:
         input_shape: [N, C, *spatial], 2 or 3 spatial axes.
         kernel_size: odd size per spatial axis, or one int for all.
         device_type: ``"cpu"``, ``"cuda"`` (or a ``torch.device``).
         requires_grad: whether a backward pass follows (training); inference weighs the forward only.
+        dtype: the input's dtype (the cost model's constants are float32's).
 
     Returns:
         ``"direct"`` or ``"fft"``.
@@ -399,6 +426,8 @@ def choose_backend(
     taps = math.prod([2 * r + 1 for r in plan.radii])
     if taps <= _SMALL_KERNEL_TAPS:
         return "direct"
+    if dtype == torch.float64 and torch.device(device_type).type == "cpu":
+        return "fft"
     cost = estimate_seconds(input_shape, plan.kernel, device_type, requires_grad)
     return "fft" if cost["fft"] * _FFT_MARGIN < cost["direct"] else "direct"
 
@@ -486,13 +515,81 @@ def depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, backen
     return _direct_conv(x, weight, bias, plan)
 
 
+class PreparedKernel(NamedTuple):
+    """A depthwise kernel made ready for repeated inference on inputs of one shape (``prepare_kernel``).
+
+    Attributes:
+        plan: the geometry for inputs of ``plan.spatial``.
+        backend: ``"direct"`` or ``"fft"``.
+        kernel: fft: the conjugated kernel spectrum [C, *m] in ``compute_dtype``; direct: the weight [C, 1, *k].
+        bias: [C] or None (fft: in ``compute_dtype``).
+        compute_dtype, result_dtype: as ``depthwise_conv`` runs and returns them.
+    """
+
+    plan: _Plan
+    backend: str
+    kernel: Tensor
+    bias: Tensor | None
+    compute_dtype: torch.dtype
+    result_dtype: torch.dtype
+
+
+def prepare_kernel(x: Tensor, weight: Tensor, bias: Tensor | None = None, backend: str = "auto") -> PreparedKernel:
+    """Everything ``depthwise_conv(x, weight, bias, backend)`` derives from the kernel alone, for inputs like ``x``.
+
+    A sliding-window predictor runs the network with unchanged weights on every tile and mirror flip of a case, all of
+    one shape: the FFT backend then transforms each kernel once instead of once per call. ``x`` is only read for its
+    shape, dtype and device (and grad mode and autocast state decide as in ``depthwise_conv``).
+
+    Args:
+        x: [N, C, *spatial], an input of the shape to come.
+        weight: [C, 1, *k]; bias: [C] or None; backend: as ``depthwise_conv``.
+
+    Returns:
+        A ``PreparedKernel`` for ``apply_prepared_kernel``; it holds no autograd history of its own (use it without
+        gradients).
+
+    Raises:
+        ValueError: as ``depthwise_conv``.
+    """
+    plan, backend = _checked_plan(x, weight, bias, backend, channels=x.shape[1] if x.ndim > 1 else 0)
+    if backend != "fft":
+        return PreparedKernel(plan, backend, weight, bias, weight.dtype, weight.dtype)
+    compute, result = _compute_dtype(x, weight)
+    with _autocast_disabled(x.device.type):
+        spectrum = _prepared_spectrum(weight, plan, compute)
+    return PreparedKernel(plan, backend, spectrum, None if bias is None else bias.to(compute), compute, result)
+
+
+def apply_prepared_kernel(x: Tensor, prepared: PreparedKernel) -> Tensor:
+    """``depthwise_conv`` of ``x`` with a ``prepare_kernel`` result: the same values, without the kernel's transform.
+
+    Args:
+        x: [N, C, *spatial] with the [C, *spatial] the kernel was prepared for (any N).
+
+    Returns:
+        [N, C, *spatial], dtypes as ``depthwise_conv``.
+
+    Raises:
+        ValueError: ``x`` has another spatial shape than the one the kernel was prepared for.
+    """
+    if tuple(x.shape[2:]) != prepared.plan.spatial:
+        raise ValueError(f"The kernel was prepared for inputs of spatial shape {prepared.plan.spatial}, got "
+                         f"{tuple(x.shape[2:])}; prepare it again for this shape.")
+    if prepared.backend != "fft":
+        return _direct_conv(x, prepared.kernel, prepared.bias, prepared.plan)
+    with _autocast_disabled(x.device.type):
+        y = _apply_spectrum(x, prepared.kernel, prepared.bias, prepared.plan, prepared.compute_dtype)
+    return y.to(prepared.result_dtype)
+
+
 def _checked_plan(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str, channels: int) -> tuple[_Plan, str]:
     """Validates the arguments of a conv with ``channels`` outputs; returns its plan and the backend to use."""
     requires_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     # the batch axis stays out: it is the one axis torch.compile may make dynamic (a symbol, not a constant)
     return _geometry(tuple(x.shape[1:]), tuple(weight.shape), None if bias is None else tuple(bias.shape), channels,
-                     backend, x.device.type, requires_grad)
+                     backend, x.device.type, requires_grad, x.dtype)
 
 
 # Pure function of shapes and flags: torch.compile calls it once while tracing and keeps its result as a constant
@@ -500,7 +597,7 @@ def _checked_plan(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str, 
 # the size rounding and the cost model for every convolution of the network.
 @torch.compiler.assume_constant_result
 def _geometry(sample_shape: tuple, weight_shape: tuple, bias_shape: tuple | None, channels: int, backend: str,
-              device_type: str, requires_grad: bool) -> tuple[_Plan, str]:
+              device_type: str, requires_grad: bool, dtype: torch.dtype) -> tuple[_Plan, str]:
     """``_checked_plan`` on shapes: ``sample_shape`` is the input's [C, *spatial] (without the batch axis)."""
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend {backend!r}; allowed values are {', '.join(map(repr, BACKENDS))}.")
@@ -519,5 +616,5 @@ def _geometry(sample_shape: tuple, weight_shape: tuple, bias_shape: tuple | None
     if backend == "auto":
         # One sample's shape decides: a batch size that changes (the last batch, torch.compile's dynamic batch axis)
         # then never switches backends or adds guards on the batch size.
-        backend = choose_backend((1, channels, *spatial), plan.kernel, device_type, requires_grad)
+        backend = choose_backend((1, channels, *spatial), plan.kernel, device_type, requires_grad, dtype)
     return plan, backend
