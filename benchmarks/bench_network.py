@@ -50,6 +50,19 @@ def default_plan(patch: int, max_features: int = 320) -> dict:
     }
 
 
+def plan_from_file(path, configuration: str = "3d_fullres") -> dict:
+    """The same {"patch_size", "arch"} as ``default_plan`` from a plans file nnU-Net wrote (a real dataset's plan),
+    plus the configuration's batch size."""
+    import pydoc
+    from pathlib import Path
+
+    entry = json.loads(Path(path).read_text())["configurations"][configuration]
+    architecture = entry["architecture"]
+    arch = {key: pydoc.locate(value) if key in architecture["_kw_requires_import"] and value is not None else value
+            for key, value in architecture["arch_kwargs"].items()}
+    return {"patch_size": list(entry["patch_size"]), "arch": arch, "batch_size": entry["batch_size"]}
+
+
 def build(name: str, plan: dict) -> torch.nn.Module:
     if name == "nnunet":
         network = PlainConvUNet(1, num_classes=NUM_CLASSES, deep_supervision=True, **plan["arch"])
@@ -104,7 +117,8 @@ def make_step(name: str, network, plan, device, batch, amp: bool, compile_networ
     return step
 
 
-def mask_seconds(network: torch.nn.Module, device: torch.device, repeats: int) -> float | None:
+def mask_seconds(network: torch.nn.Module, device: torch.device, repeats: int, clock=time.perf_counter
+                 ) -> float | None:
     """Median time of computing every modulation mask forward and backward: the per-step cost of the LRBM generators
     (batch-independent, so it weighs most at small patches). None when the network has no masks."""
     from rep3d_nnunet.modulation import KernelModulation
@@ -114,13 +128,13 @@ def mask_seconds(network: torch.nn.Module, device: torch.device, repeats: int) -
         return None
     times = []
     for _ in range(repeats + 1):
-        started = time.perf_counter()
+        started = clock()
         total = sum(m().sum() for m in modulations)
         if total.requires_grad:  # the fixed prior has nothing to train
             total.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
+        times.append(clock() - started)
     return statistics.median(times[1:])
 
 
@@ -135,19 +149,20 @@ def peak_resident_mib() -> float:
 def child_peak_rss_mb(args, name: str) -> float:
     """Peak resident memory of a fresh process running the variant's iterations (CPU memory measure)."""
     command = [sys.executable, __file__, "--child", name, "--patch", str(args.patch), "--batch", str(args.batch),
-               "--repeats", "1", "--warmup", "1"]
+               "--repeats", "1", "--warmup", "1"] + (["--plans", str(args.plans)] if args.plans else [])
     result = subprocess.run(command, check=True, capture_output=True, text=True)
     return float(result.stdout.strip().splitlines()[-1])
 
 
 def measure(device: torch.device, plan: dict, batch: int, variants, modes, repeats: int, warmup: int,
-            child_memory_args=None) -> dict:
+            child_memory_args=None, clock=time.perf_counter) -> dict:
     """{(variant, amp, compiled): (median seconds per iteration, peak MiB or None, seconds of the first call)}.
 
     ``modes`` are (amp, compiled) pairs; the first call of a compiled variant includes its compilation (forward and
     backward graphs), so ``first - median`` is the compile time. Variants are interleaved within each repeat. Peak
     memory is torch.cuda.max_memory_allocated on CUDA; on CPU (eager, no AMP) a child process's peak resident set
-    when ``child_memory_args`` (parsed arguments of this script) is given.
+    when ``child_memory_args`` (parsed arguments of this script) is given. ``clock``: wall time, or
+    ``time.process_time`` for the CPU work alone on a CPU shared with other jobs (with one torch thread).
     """
     results = {}
     for amp, compiled in modes:
@@ -174,9 +189,9 @@ def measure(device: torch.device, plan: dict, batch: int, variants, modes, repea
             for name, step in steps.items():  # interleaved
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                started = time.perf_counter()
+                started = clock()
                 step()
-                times[name].append(time.perf_counter() - started)
+                times[name].append(clock() - started)
                 if device.type == "cuda":
                     peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated() / 2 ** 20)
         for name in steps:
@@ -193,7 +208,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--patch", type=int, default=48)
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--plans", default=None, help="a plans file nnU-Net wrote (its 3d_fullres configuration "
+                                                      "instead of the default plan for --patch), e.g. "
+                                                      "benchmarks/plans/Dataset004_Hippocampus_nnUNetPlans.json")
+    parser.add_argument("--batch", type=int, default=None, help="default: the plan's (--plans), else 2")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--amp", action="store_true", help="also run with autocast (fp16 + GradScaler on CUDA)")
@@ -201,10 +219,15 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", default=["nnunet", "rep3d", "rep3d:direct"],
                         help="nnunet, or rep3d[-MODULATION][:BACKEND]: rep3d (LRBM, auto backend), rep3d:fft, "
                              "rep3d:direct, rep3d-fixed, rep3d-none (a plain large kernel: no generator)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time (default), or CPU time of this process on one torch thread (for a CPU shared "
+                             "with other jobs: their load does not count)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes (CPU)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    plan = default_plan(args.patch)
+    plan = plan_from_file(args.plans) if args.plans else default_plan(args.patch)
+    args.batch = args.batch or plan.get("batch_size", 2)
 
     if args.child:
         step = make_step(args.child, build(args.child, plan).to(device), plan, device, args.batch, False, False)
@@ -215,9 +238,12 @@ def main(argv=None):
 
     modes = [(False, False)] + ([(True, False)] if args.amp else []) + ([(args.amp, True)] if args.compile else [])
     print(f"device {device}, patch {plan['patch_size']}, batch {args.batch}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}")
+          f"threads {1 if args.clock == 'cpu' else torch.get_num_threads()}, clock {args.clock}")
     print(f"plan: features {plan['arch']['features_per_stage']}, strides {plan['arch']['strides']}")
-    results = measure(device, plan, args.batch, args.variants, modes, args.repeats, args.warmup, args)
+    if args.clock == "cpu":
+        torch.set_num_threads(1)
+    results = measure(device, plan, args.batch, args.variants, modes, args.repeats, args.warmup,
+                      None if args.no_memory else args, time.process_time if args.clock == "cpu" else time.perf_counter)
     base = {(amp, c): results[("nnunet", amp, c)] for (n, amp, c) in results if n == "nnunet"}
     unit, scale = ("ms", 1e3) if device.type == "cuda" else ("s", 1.0)
     print(f"\n| variant | amp | compile | iteration ({unit}, median) | x nnU-Net | peak memory (MiB) | x nnU-Net "
@@ -233,7 +259,8 @@ def main(argv=None):
               f"| {first_text} |")
     for name in args.variants:
         if name.startswith("rep3d"):
-            seconds = mask_seconds(build(name, plan).to(device), device, args.repeats)
+            seconds = mask_seconds(build(name, plan).to(device), device, args.repeats,
+                                   time.process_time if args.clock == "cpu" else time.perf_counter)
             if seconds is not None:
                 print(f"{name}: computing its masks (generators included) forward+backward takes "
                       f"{seconds * scale:.3g} {unit} of each iteration")

@@ -10,8 +10,10 @@ Sections (each a row group of the table; a section that fails is reported as suc
     network    one nnU-Net training iteration at 128^3, batch 2, AMP (fp16 + GradScaler), eager and torch.compile'd:
                nnU-Net's PlainConvUNet vs Rep3D (LRBM) and Rep3D with plain kernels (modulation none); ms, peak
                torch.cuda.max_memory_allocated, compile time (benchmarks/bench_network.py)
-    inference  one 128^3 patch through the network under fp16 autocast and inference_mode, as nnU-Net's predictor
-               runs it: folded Rep3D vs PlainConvUNet
+    inference  nnU-Net's predictor per case, as nnUNetv2_predict runs it (weights loaded per fold and case, 8 mirror
+               flips, fp16 autocast) with 1 and 5 folds, on a 128^3 patch of the default plan and on the MSD
+               Hippocampus plan: PlainConvUNet, the Rep3D export and the Rep3D training folder
+               (benchmarks/bench_predict.py)
     train      nnUNetv2_train on a synthetic long-range dataset, -device cuda, torch.compile on (nnU-Net's default),
                2 epochs of 50 iterations: epoch times from nnU-Net's log, with and without the compile
 
@@ -65,11 +67,12 @@ class Sizes:
     train_size: int
     train_iterations: int
     max_features: int = 320  # nnU-Net's cap; the smoke run keeps the network small
+    fold_counts: tuple = (1, 5)  # folds the inference section predicts with (nnU-Net's 5-fold ensemble)
 
     @classmethod
     def for_run(cls, smoke: bool, patch: int, batch: int, repeats: int) -> "Sizes":
         if smoke:
-            return cls((1, 4, 12), 21, 32, 1, 1, 5, 24, 2, max_features=32)  # 5 cases: nnU-Net splits 5 folds
+            return cls((1, 4, 12), 21, 32, 1, 1, 5, 24, 2, max_features=32, fold_counts=(1, 2))  # 5 cases: 5 folds
         return cls((2, 48, 64), 21, patch, batch, repeats, 16, 96, 50)
 
 
@@ -162,28 +165,25 @@ def section_network(device, sizes, args) -> list[Row]:
 
 
 def section_inference(device, sizes, args) -> list[Row]:
-    import torch
-    from bench_network import default_plan
-    from bench_predict import inference_network
+    from bench_predict import HIPPOCAMPUS_PLANS, VARIANTS, measure, plans_for_patch
 
-    plan = default_plan(sizes.patch, sizes.max_features)
-    x = torch.randn(1, 1, *plan["patch_size"], generator=torch.Generator().manual_seed(0)).to(device)
-    times = {}
-    for name in ("nnunet", "rep3d-folded"):
-        network = inference_network(name, plan).to(device)
-        samples = []
-        with torch.inference_mode(), torch.autocast(device.type, enabled=device.type == "cuda"):
-            for i in range(max(sizes.repeats, 1) + 2):
-                _sync(device)
-                started = time.perf_counter()
-                network(x)
-                _sync(device)
-                if i >= 2:  # two warm-up calls
-                    samples.append(time.perf_counter() - started)
-        times[name] = statistics.median(samples)
-        del network
-    return [Row("inference", f"{name}, one {plan['patch_size'][0]}^3 patch, fp16 autocast", f"{t * 1e3:.4g} ms",
-                f"{t / times['nnunet']:.2f}x nnU-Net") for name, t in times.items()]
+    plans = {f"default {sizes.patch}^3 plan": plans_for_patch(sizes.patch, sizes.max_features)}
+    if not args.smoke:
+        plans["Hippocampus plan"] = json.loads(HIPPOCAMPUS_PLANS.read_text())
+    rows = []
+    for label, plan in plans.items():
+        case = [round(s) for s in plan["configurations"]["3d_fullres"]["median_image_size_in_voxels"]]
+        mirroring = not args.smoke  # the smoke run checks the script, nnU-Net's 8 flips only add time there
+        times, masks = measure(plan, "3d_fullres", case, device, sizes.repeats, VARIANTS, sizes.fold_counts,
+                               [mirroring])
+        for (variant, folds, _), samples in times.items():
+            seconds = statistics.median(samples)
+            reference = statistics.median(times[("nnunet", folds, mirroring)])
+            rows.append(Row("inference", f"{label}, case {case}, {variant}, {folds} fold(s), nnU-Net's predictor "
+                                         f"({'8 flips, ' if mirroring else ''}fp16 autocast on CUDA)",
+                            f"{seconds * 1e3:.4g} ms per case",
+                            f"{seconds / reference:.2f}x nnU-Net; {masks[(variant, folds)]} masks computed"))
+    return rows
 
 
 def _console_script(name: str) -> str:
