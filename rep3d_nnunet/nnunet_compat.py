@@ -228,12 +228,13 @@ def record_build_inputs(plans: dict, configuration_name: str) -> None:
 def build_network(trainer_class: type, plans_manager, configuration_manager, num_input_channels: int,
                   num_output_channels: int, enable_deep_supervision: bool):
     """``trainer_class.build_network_architecture`` called as nnU-Net >= 2.7 calls it: the new form when its
-    signature names ``plans_manager`` (ours, and nnU-Net's own from 2.7), the old form otherwise (nnU-Net 2.6)."""
+    signature names ``plans_manager`` (ours, and nnU-Net's own from 2.7), the old form otherwise (nnU-Net 2.6); the
+    configuration without our recorded build inputs, which nnU-Net's own networks would not accept."""
     build = trainer_class.build_network_architecture
+    configuration_manager = without_build_inputs(configuration_manager)
     if "plans_manager" in inspect.signature(build).parameters:
         return build(plans_manager, configuration_manager, num_input_channels, num_output_channels,
                      enable_deep_supervision)
-    configuration_manager = without_build_inputs(configuration_manager)
     return build(configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
                  configuration_manager.network_arch_init_kwargs_req_import, num_input_channels, num_output_channels,
                  enable_deep_supervision)
