@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -158,3 +159,19 @@ def test_a_read_only_nnunet_gets_one_line_and_the_fix(module_path, monkeypatch):
     with pytest.raises(PermissionError, match="cannot write .*Fix: run rep3d-nnunet env once as the owner") as error:
         environment.sync_external_trainer_module()
     assert "\n" not in str(error.value) and not list(module_path.parent.glob(".*.tmp"))
+
+
+def test_env_and_its_undo_print_shell_lines(module_path, monkeypatch, capsys):
+    from rep3d_nnunet.cli import main
+
+    monkeypatch.setattr(environment, "has_external_trainer_folders", lambda: False)
+    monkeypatch.setenv("nnUNet_extTrainer", "/other/trainers")
+    assert main(["env"]) == 0
+    out, err = capsys.readouterr()
+    registered = f"{environment.trainer_folder()}{os.pathsep}/other/trainers"
+    assert out.strip() == f"export nnUNet_extTrainer={registered}" and "wrote" in err and module_path.is_file()
+    monkeypatch.setenv("nnUNet_extTrainer", registered)
+    assert main(["env", "--undo"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "export nnUNet_extTrainer=/other/trainers" and "removed" in err
+    assert not module_path.exists()
