@@ -63,7 +63,7 @@ def use_nnunet_tree(monkeypatch, env: dict) -> None:
     if nnunet_version() < (2, 8, 0):
         for module in [m for name, m in list(sys.modules.items()) if name.split(".")[0] == "nnunetv2" and m]:
             for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-                if isinstance(getattr(module, name, None), str):
+                if name in vars(module):  # a str, or None where the variable was unset at import
                     monkeypatch.setattr(module, name, env[name])
 
 
