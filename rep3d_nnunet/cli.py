@@ -10,9 +10,22 @@ from typing import NamedTuple
 
 
 def _cmd_env(args) -> int:
-    from .environment import export_lines
+    from .environment import export_lines, remove_external_trainer_module, sync_external_trainer_module, undo_lines
 
-    print("\n".join(export_lines()))
+    # stdout is for the shell (eval "$(rep3d-nnunet env)"); notes and errors go to stderr
+    try:
+        if args.undo:
+            print("\n".join(undo_lines()))
+            if remove_external_trainer_module():
+                print("rep3d-nnunet env: removed the trainer lookup module from nnU-Net's package.", file=sys.stderr)
+            return 0
+        print("\n".join(export_lines()))
+        note = sync_external_trainer_module()
+    except (PermissionError, FileExistsError) as error:
+        print(f"rep3d-nnunet env: error: {error}", file=sys.stderr)
+        return 2
+    if note:
+        print(f"rep3d-nnunet env: {note}", file=sys.stderr)
     return 0
 
 
@@ -79,8 +92,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rep3d-nnunet", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    commands.add_parser("env", help="print the export line that registers the Rep3D trainers with nnU-Net "
-                                    "(use: eval \"$(rep3d-nnunet env)\")").set_defaults(run=_cmd_env)
+    env = commands.add_parser("env", help="print the export line that registers the Rep3D trainers with nnU-Net "
+                                          "(use: eval \"$(rep3d-nnunet env)\"); on nnU-Net < 2.8 also install the "
+                                          "lookup module it needs")
+    env.add_argument("--undo", action="store_true", help="print the line that unregisters them and remove the lookup "
+                                                         "module (use: eval \"$(rep3d-nnunet env --undo)\")")
+    env.set_defaults(run=_cmd_env)
     commands.add_parser("doctor", help="check the setup and say what is wrong in plain words").set_defaults(run=_cmd_doctor)
     commands.add_parser("trainers", help="list the Rep3D trainer variants").set_defaults(run=_cmd_trainers)
 

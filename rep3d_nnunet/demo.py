@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .environment import export_lines
+from .environment import export_lines, sync_external_trainer_module
 
 DEMO_TRAINERS = {"nnU-Net default (PlainConvUNet, SGD)": "nnUNetTrainerDemo",
                  "Rep3D (21^3 kernels, LRBM, AdamW)": "nnUNetTrainerRep3DDemo"}
@@ -87,6 +87,7 @@ def demo_environment(workdir: Path, device: str, trainer_folder: Path) -> dict:
         env[name] = str(workdir / name)
         Path(env[name]).mkdir(parents=True, exist_ok=True)
     env["nnUNet_extTrainer"] = os.pathsep.join([export_lines(env)[0].split("=", 1)[1], str(trainer_folder)])
+    sync_external_trainer_module()  # the rest of eval "$(rep3d-nnunet env)": nnU-Net < 2.8 needs a lookup module
     # nnU-Net's worker pools default to 8 processes; on a small CPU their start-up stalls validation for tens of
     # seconds (rep3d-nnunet doctor explains)
     env.setdefault("nnUNet_def_n_proc", str(min(os.cpu_count() or 1, 4)))

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .model_folder import CHECKPOINT_PATTERN, ModelFolder, ModelFolderError, find_trainer_class
+from .model_folder import CHECKPOINT_PATTERN, ModelFolder, ModelFolderError
+from .nnunet_compat import build_network, find_trainer_class
 
 # The trainer an exported checkpoint names: nnU-Net's own, found without nnUNet_extTrainer.
 DEPLOY_TRAINER = "nnUNetTrainer"
@@ -135,9 +136,8 @@ def fold_checkpoint(folder: ModelFolder, checkpoint_path: Path, plans: dict, tol
     network = folder.load_network(checkpoint, checkpoint_path)
     configuration_name = checkpoint["init_args"]["configuration"]
     deploy_manager = PlansManager(plans)
-    deployed = nnUNetTrainer.build_network_architecture(
-        deploy_manager, deploy_manager.get_configuration(configuration_name), folder.num_input_channels(checkpoint),
-        folder.label_manager.num_segmentation_heads, enable_deep_supervision=False)
+    deployed = build_network(nnUNetTrainer, deploy_manager, deploy_manager.get_configuration(configuration_name),
+                             folder.num_input_channels(checkpoint), folder.label_manager.num_segmentation_heads, False)
     patch_size = folder.configuration_manager(checkpoint).patch_size
     first_conv = next(m for m in network.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)))
     x = _verification_input(network, first_conv.in_channels, patch_size)

@@ -41,7 +41,14 @@ from .adapters import (
     is_adapter_parameter,
     is_head_parameter,
 )
-from .model_folder import ModelFolderError, find_trainer_class, load_checkpoint
+from .model_folder import ModelFolderError, load_checkpoint
+from .nnunet_compat import (
+    TrainerNotFoundError,
+    build_network,
+    find_trainer_class,
+    network_build_inputs,
+    own_build_inputs,
+)
 from .training import PolyLRPerGroup, ScheduledTrainer
 
 DKA_PLANS_KEY = "dka"  # architecture entry of the fine-tuned model folder's plans: {"source_trainer": name}
@@ -172,21 +179,21 @@ class DKATrainer(ScheduledTrainer):
         _route_pretrained_weights_through(self)
 
     # ---- networks ----
-    def _build_source_network(self, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                              num_input_channels: int, num_output_channels: int,
-                              enable_deep_supervision: bool = True) -> nn.Module:
-        trainer = find_trainer_class(source_trainer_name(configuration_manager))
-        return trainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
-                                                  num_output_channels, enable_deep_supervision)
+    def _build_source_network(self, plans_manager, *args, **kwargs) -> nn.Module:
+        """The source network from this trainer's plans and configuration, whichever form nnU-Net calls in."""
+        inputs = own_build_inputs(self, plans_manager, *args, **kwargs)
+        return build_network(find_trainer_class(source_trainer_name(inputs.configuration_manager)), *inputs)
 
     @classmethod
-    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                                   num_input_channels: int, num_output_channels: int,
-                                   enable_deep_supervision: bool = True) -> nn.Module:
-        """Source network (the trainer recorded in the plans) with this variant's adapters: what was trained."""
-        source = find_trainer_class(source_trainer_name(configuration_manager)).build_network_architecture(
-            plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision)
-        return insert_adapters(source, cls.adapters, configuration_manager.patch_size)
+    def build_network_architecture(cls, plans_manager: PlansManager, *args, **kwargs) -> nn.Module:
+        """Source network (the trainer recorded in the plans) with this variant's adapters: what was trained.
+
+        ``(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+        enable_deep_supervision=True)``, or nnU-Net 2.6's form (see ``nnunet_compat.network_build_inputs``).
+        """
+        inputs = network_build_inputs(plans_manager, *args, **kwargs)
+        source = build_network(find_trainer_class(source_trainer_name(inputs.configuration_manager)), *inputs)
+        return insert_adapters(source, cls.adapters, inputs.configuration_manager.patch_size)
 
     @classmethod
     def deploy_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager) -> dict:
@@ -294,7 +301,7 @@ def _route_pretrained_weights_through(trainer: DKATrainer) -> None:
             return original(network, fname, verbose)
         try:
             owner.attach_source(fname)
-        except (ModelFolderError, FileNotFoundError) as error:
+        except (ModelFolderError, TrainerNotFoundError, FileNotFoundError) as error:
             _fail(type(owner).__name__, str(error))
         return original(owner.network, fname, verbose)
 

@@ -33,7 +33,8 @@ from matplotlib.patches import Circle
 from torch import nn
 
 from .blocks import ModulatedDepthwiseConv
-from .model_folder import DEFAULT_CHECKPOINT, ModelFolder, ModelFolderError, find_trainer_class
+from .model_folder import DEFAULT_CHECKPOINT, ModelFolder, ModelFolderError
+from .nnunet_compat import find_trainer_class
 from .modulation import DistancePrior
 
 ERF_MASS_FRACTION = 0.9

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .nnunet_compat import build_network, find_trainer_class, without_build_inputs
+
 CHECKPOINT_PATTERN = "checkpoint_*.pth"
 DEFAULT_CHECKPOINT = "checkpoint_final.pth"
 REQUIRED_CHECKPOINT_KEYS = ("network_weights", "init_args", "trainer_name")
@@ -80,32 +82,6 @@ def _read_json(path: Path, what: str) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ModelFolderError(f"{path} is not valid JSON ({error}); the model folder's {what} is damaged. Copy "
                                f"it again from the training output.") from error
-
-
-def find_trainer_class(trainer_name: str) -> type:
-    """The trainer class named in a checkpoint: ours from the variant table, any other through nnU-Net's lookup
-    (nnunetv2's trainers, then the folders in ``nnUNet_extTrainer``).
-
-    Raises:
-        ModelFolderError: nnU-Net cannot find it; the message says how to register trainer folders.
-    """
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-    from .variants import make_trainer_class, trainer_names
-
-    if trainer_name == nnUNetTrainer.__name__:  # the default: no need to import every trainer module to find it
-        return nnUNetTrainer
-    if trainer_name in trainer_names():
-        return make_trainer_class(trainer_name)
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
-    try:
-        return recursive_find_trainer_class_by_name(trainer_name)
-    except RuntimeError as error:
-        raise ModelFolderError(
-            f"nnU-Net cannot find the trainer {trainer_name!r} named in the checkpoint. If it is a custom trainer, "
-            f"list its folder in nnUNet_extTrainer (export nnUNet_extTrainer=/path/to/trainers)."
-        ) from error
 
 
 @dataclass
@@ -187,7 +163,9 @@ class ModelFolder:
         return PlansManager(self.plans)
 
     def configuration_manager(self, checkpoint: dict):
-        return self.plans_manager.get_configuration(checkpoint["init_args"]["configuration"])
+        """The checkpoint's configuration as the plans give it (without the build inputs our trainers record there
+        for nnU-Net 2.6, see ``nnunet_compat``)."""
+        return without_build_inputs(self.plans_manager.get_configuration(checkpoint["init_args"]["configuration"]))
 
     @cached_property
     def label_manager(self):
@@ -207,9 +185,9 @@ class ModelFolder:
         """The network nnU-Net's predictor builds for this checkpoint (``trainer_class`` by default the one the
         checkpoint names), freshly initialised, no weights loaded."""
         trainer_class = trainer_class or self.trainer_class(checkpoint)
-        return trainer_class.build_network_architecture(
-            self.plans_manager, self.configuration_manager(checkpoint), self.num_input_channels(checkpoint),
-            self.label_manager.num_segmentation_heads, deep_supervision)
+        return build_network(trainer_class, self.plans_manager, self.configuration_manager(checkpoint),
+                             self.num_input_channels(checkpoint), self.label_manager.num_segmentation_heads,
+                             deep_supervision)
 
     def load_network(self, checkpoint: dict, path: Path | None = None) -> nn.Module:
         """``build_network`` with the checkpoint's weights loaded strictly, in eval mode, on the CPU.

@@ -17,6 +17,7 @@ from torch import nn
 
 from .blocks import ModulatedDepthwiseConv
 from .config import REP3D_NETWORK_CLASS, Rep3DSettings, rep3d_architecture
+from .nnunet_compat import network_build_inputs, own_build_inputs, record_build_inputs
 
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -164,6 +165,12 @@ class ScheduledTrainer(nnUNetTrainer):
         if self.val_iterations_per_epoch_override is not None:
             self.num_val_iterations_per_epoch = self.val_iterations_per_epoch_override
 
+    def on_train_start(self):
+        # nnUNetTrainer.on_train_start saves these plans as the model folder's plans.json: nnU-Net 2.6's predictor
+        # rebuilds the network from the architecture entry alone, so the entry carries what else the build needs
+        record_build_inputs(self.plans_manager.plans, self.configuration_name)
+        super().on_train_start()
+
 
 class Rep3DTrainer(ScheduledTrainer):
     """nnUNetTrainer with a Rep3D network. Variants set the class attributes below and nothing else.
@@ -183,14 +190,22 @@ class Rep3DTrainer(ScheduledTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = self.optim.lr
         self.weight_decay = self.optim.weight_decay
+        # nnUNetTrainer.initialize builds through the instance; nnU-Net 2.6 passes the architecture entry only
+        self.build_network_architecture = self._build_own_network
+
+    def _build_own_network(self, plans_manager, *args, **kwargs) -> nn.Module:
+        """This trainer's network from its own plans and configuration, whichever form nnU-Net calls in."""
+        return build_rep3d_network(*own_build_inputs(self, plans_manager, *args, **kwargs), self.rep3d)
 
     @classmethod
-    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                                   num_input_channels: int, num_output_channels: int,
-                                   enable_deep_supervision: bool = True) -> nn.Module:
-        # A classmethod, not nnU-Net's staticmethod: the predictor calls it on the class and needs the variant's settings.
-        return build_rep3d_network(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                                   enable_deep_supervision, cls.rep3d)
+    def build_network_architecture(cls, plans_manager: PlansManager, *args, **kwargs) -> nn.Module:
+        """``(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+        enable_deep_supervision=True)``, or nnU-Net 2.6's form (see ``nnunet_compat.network_build_inputs``).
+
+        A classmethod, not nnU-Net's staticmethod: the predictor calls it on the class and needs the variant's settings.
+        """
+        inputs = network_build_inputs(plans_manager, *args, **kwargs)
+        return build_rep3d_network(*inputs, cls.rep3d)
 
     @classmethod
     def deploy_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager) -> dict:

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rep3d_nnunet.environment import trainer_folder
+from rep3d_nnunet.environment import sync_external_trainer_module, trainer_folder
+from rep3d_nnunet.nnunet_compat import nnunet_version
 from tests.test_architecture import PLAIN, plain_plan_kwargs
 
 TINY_TRAINER = "nnUNetTrainerRep3DTestTiny"
@@ -38,6 +39,9 @@ TINY_TRAINER_SOURCE = textwrap.dedent(f'''
 
 
 def nnunet_environment(root: Path, extra_trainer_folder: Path | None = None) -> dict:
+    """The README's setup (``eval "$(rep3d-nnunet env)"``) for a throwaway nnU-Net tree: the folders, the trainer
+    folders in nnUNet_extTrainer and, on nnU-Net < 2.8, the lookup module that searches them."""
+    sync_external_trainer_module()
     env = dict(os.environ)
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         env[name] = str(root / name)
@@ -46,6 +50,21 @@ def nnunet_environment(root: Path, extra_trainer_folder: Path | None = None) -> 
     env["nnUNet_extTrainer"] = os.pathsep.join(folders)
     env.update({"nnUNet_def_n_proc": "1", "nnUNet_compile": "false"})
     return env
+
+
+def use_nnunet_tree(monkeypatch, env: dict) -> None:
+    """Points nnU-Net in this process at ``env``'s folders and trainer folders.
+
+    nnU-Net 2.8 reads its folder variables when it uses them; before, ``nnunetv2.paths`` read them once at import and
+    each module bound the values with ``from nnunetv2.paths import ...``, so those bindings are patched as well.
+    """
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+        monkeypatch.setenv(name, env[name])
+    if nnunet_version() < (2, 8, 0):
+        for module in [m for name, m in list(sys.modules.items()) if name.split(".")[0] == "nnunetv2" and m]:
+            for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+                if name in vars(module):  # a str, or None where the variable was unset at import
+                    monkeypatch.setattr(module, name, env[name])
 
 
 def training_environment(env: dict) -> dict:
@@ -119,7 +138,7 @@ def write_model_folder(root: Path, trainer_name: str, dim: int = 3) -> Path:
     """A model folder as nnUNetv2_train leaves it after one fold, with moved ("trained") weights, without training."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from rep3d_nnunet.model_folder import find_trainer_class
+    from rep3d_nnunet.nnunet_compat import build_network, find_trainer_class, record_build_inputs
 
     configuration, _ = CONFIGURATIONS[dim]
     plans = tiny_plans(dim)
@@ -127,13 +146,14 @@ def write_model_folder(root: Path, trainer_name: str, dim: int = 3) -> Path:
                "file_ending": ".nii.gz"}
     folder = root / f"{trainer_name}__nnUNetPlans__{configuration}"
     (folder / "fold_0").mkdir(parents=True)
-    (folder / "plans.json").write_text(json.dumps(plans))
-    (folder / "dataset.json").write_text(json.dumps(dataset))
     plans_manager = PlansManager(plans)
     trainer = find_trainer_class(trainer_name)
     torch.manual_seed(1)
-    network = trainer.build_network_architecture(plans_manager, plans_manager.get_configuration(configuration), 1, 2,
-                                                 True)
+    network = build_network(trainer, plans_manager, plans_manager.get_configuration(configuration), 1, 2, True)
+    if hasattr(trainer, "deploy_architecture"):  # a Rep3D trainer records this before nnU-Net saves plans.json
+        record_build_inputs(plans, configuration)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    (folder / "dataset.json").write_text(json.dumps(dataset))
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for p in network.parameters():  # gains of the generator's last norm leave 0, so M != P as after training

@@ -10,7 +10,14 @@ import sys
 import pytest
 
 from rep3d_nnunet.cli import main
-from rep3d_nnunet.environment import check_worker_processes, diagnose, export_lines, report, trainer_folder
+from rep3d_nnunet.environment import (
+    check_worker_processes,
+    diagnose,
+    export_lines,
+    report,
+    sync_external_trainer_module,
+    trainer_folder,
+)
 from rep3d_nnunet.export import export_model_folder
 
 
@@ -72,6 +79,7 @@ def test_doctor_names_each_problem_and_its_fix(tmp_path):
 
     environ = {name: str(tmp_path) for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
     environ["nnUNet_extTrainer"] = str(trainer_folder())
+    sync_external_trainer_module()  # with the line above: eval "$(rep3d-nnunet env)" (a module on nnU-Net < 2.8)
     findings = diagnose(environ)
     assert all(f.ok or not f.blocking for f in findings), report(findings)[0]
     assert any("finds nnUNetTrainerRep3D" in f.what for f in findings)

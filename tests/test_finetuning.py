@@ -19,6 +19,7 @@ from rep3d_nnunet.adapters import (
     insert_adapters,
     is_head_parameter,
 )
+from rep3d_nnunet import nnunet_compat
 from rep3d_nnunet.export import folded_copy
 from rep3d_nnunet.finetuning import FinetuneOptimizer, SourceCheckpointError, check_source, trainable_parameter_groups
 from rep3d_nnunet.splits import make_split
@@ -29,7 +30,7 @@ from tests.test_compile import PLANS, _configuration, _input, assert_one_graph, 
 def _plain_network(plan: str = "3d_anisotropic", seed: int = 0) -> tuple[torch.nn.Module, object]:
     configuration = _configuration(*PLANS[plan])
     torch.manual_seed(seed)
-    network = nnUNetTrainer.build_network_architecture(PlansManager({"configurations": {}}), configuration, 1, 3, True)
+    network = nnunet_compat.build_network(nnUNetTrainer, PlansManager({"configurations": {}}), configuration, 1, 3, True)
     return network, configuration
 
 
@@ -167,8 +168,8 @@ def test_source_checks_name_configuration_plan_and_fine_tuned_sources():
     with pytest.raises(SourceCheckpointError, match="already fine-tuned"):
         check_source(network, _checkpoint(adapted), "source.pth", "3d_fullres")
     # a source with other classes: nnU-Net does not transfer the segmentation layers, neither do we check them
-    with_other_classes = nnUNetTrainer.build_network_architecture(
-        PlansManager({"configurations": {}}), _configuration(*PLANS["3d_anisotropic"]), 1, 5, True)
+    with_other_classes = nnunet_compat.build_network(
+        nnUNetTrainer, PlansManager({"configurations": {}}), _configuration(*PLANS["3d_anisotropic"]), 1, 5, True)
     check_source(network, _checkpoint(with_other_classes), "source.pth", "3d_fullres")
 
 

@@ -23,6 +23,7 @@ from tests.nnunet_helpers import (
     run,
     run_in_pairs,
     training_environment,
+    use_nnunet_tree,
     write_tiny_trainer,
 )
 
@@ -152,8 +153,7 @@ def test_anisotropic_dataset_trains_and_predicts(tmp_path):
 
 def test_resume_restores_the_lrbm_state_exactly(nnunet_tree, monkeypatch):
     root, env, dataset = nnunet_tree
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
-        monkeypatch.setenv(name, env[name])
+    use_nnunet_tree(monkeypatch, env)
     from nnunetv2.run.run_training import get_trainer_from_args
 
     trainer = get_trainer_from_args(str(DATASET_ID), "3d_fullres", 4, "nnUNetTrainerRep3D", PLANS,
@@ -194,8 +194,7 @@ def test_benchmark_trainer_writes_nnunets_benchmark_json(nnunet_tree, monkeypatc
     by stand-ins, and the epochs are shortened, so that nnU-Net's loop and its on_train_end really run.
     """
     root, env, dataset = nnunet_tree
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
-        monkeypatch.setenv(name, env[name])
+    use_nnunet_tree(monkeypatch, env)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "CPU stand-in")
     from nnunetv2.run.run_training import get_trainer_from_args
     from nnunetv2.training.nnUNetTrainer.variants.benchmarking.nnUNetTrainerBenchmark_5epochs import (
@@ -258,8 +257,7 @@ def test_dka_finetunes_a_pretrained_rep3d_network_exports_and_predicts(nnunet_tr
 
 def test_dka_refuses_a_missing_or_mismatched_pretrained_network(nnunet_tree, monkeypatch, capsys):
     root, env, dataset = nnunet_tree
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
-        monkeypatch.setenv(name, env[name])
+    use_nnunet_tree(monkeypatch, env)
     from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
 
     source_2d = _source_checkpoint(env, dataset, "2d")
@@ -282,8 +280,7 @@ def test_dka_refuses_a_missing_or_mismatched_pretrained_network(nnunet_tree, mon
 def test_dka_resumes_from_its_own_checkpoint(nnunet_tree, monkeypatch):
     """--c and --val load a fine-tuned checkpoint: source network, adapters and the adapted optimizer first."""
     root, env, dataset = nnunet_tree
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
-        monkeypatch.setenv(name, env[name])
+    use_nnunet_tree(monkeypatch, env)
     from nnunetv2.run.run_training import get_trainer_from_args
 
     tuned = _model_folder(env, dataset, PLANS, "3d_fullres", TINY_DKA_TRAINER) / "fold_0" / "checkpoint_final.pth"

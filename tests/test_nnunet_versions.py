@@ -1,0 +1,177 @@
+"""What differs between the supported nnU-Net versions: both call forms of build_network_architecture, the lookup
+module for nnU-Net < 2.8, and the one room that finds trainer classes (no low module imports the variant table)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from rep3d_nnunet import environment, nnunet_compat
+from rep3d_nnunet.nnunet_compat import BUILD_INPUTS_KEY, find_trainer_class, record_build_inputs
+from tests.nnunet_helpers import CONFIGURATIONS, tiny_plans
+
+PACKAGE = Path(nnunet_compat.__file__).parent
+# Only the command line (the top floor) may import the variant table; everything else finds classes by name.
+MAY_IMPORT_VARIANTS = {"cli.py", "variants.py"}
+
+
+def _imports_variants(path: Path) -> bool:
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            module = ("." * node.level) + (node.module or "")
+            if module in (".variants", "rep3d_nnunet.variants") or (module == "." and any(
+                    a.name == "variants" for a in node.names)):
+                return True
+        elif isinstance(node, ast.Import) and any(a.name == "rep3d_nnunet.variants" for a in node.names):
+            return True
+    return False
+
+
+def test_no_low_module_imports_the_variant_table():
+    importing = sorted(p.name for p in PACKAGE.rglob("*.py") if p.name not in MAY_IMPORT_VARIANTS
+                       and _imports_variants(p))
+    assert importing == []
+    probe = ("import sys, rep3d_nnunet.finetuning, rep3d_nnunet.export, rep3d_nnunet.inspection, "
+             "rep3d_nnunet.model_folder; assert 'rep3d_nnunet.variants' not in sys.modules, 'variants imported'")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_trainer_names_resolve_through_the_trainer_folder_and_nnunet():
+    assert find_trainer_class("nnUNetTrainer") is nnUNetTrainer
+    assert find_trainer_class("nnUNetTrainerRep3D_5epochs").num_epochs_override == 5
+    assert find_trainer_class("nnUNetTrainer_250epochs").__module__.startswith("nnunetv2.")
+    with pytest.raises(nnunet_compat.TrainerNotFoundError, match="nnUNet_extTrainer"):
+        find_trainer_class("nnUNetTrainerNobodyHasThis")
+
+
+def _shapes(network: torch.nn.Module) -> dict:
+    return {k: tuple(v.shape) for k, v in network.state_dict().items()}
+
+
+@pytest.mark.parametrize("trainer_name", ["nnUNetTrainerRep3D", "nnUNetTrainerRep3DCSLA", "nnUNetTrainerDKA"])
+def test_the_old_call_form_builds_what_the_new_one_does(trainer_name):
+    """nnU-Net 2.6 passes the architecture entry alone; the build inputs recorded in it make up the rest."""
+    configuration_name, _ = CONFIGURATIONS[3]
+    plans = tiny_plans(3)
+    plans["configurations"][configuration_name]["patch_size"] = [8, 32, 32]  # caps the large kernels per stage
+    trainer = find_trainer_class(trainer_name)
+    new_form = trainer.build_network_architecture(PlansManager(plans), PlansManager(plans).get_configuration(
+        configuration_name), 1, 2, enable_deep_supervision=False)
+    record_build_inputs(plans, configuration_name)
+    recorded = PlansManager(plans).get_configuration(configuration_name)
+    assert recorded.network_arch_init_kwargs[BUILD_INPUTS_KEY]["patch_size"] == [8, 32, 32]
+    old_form = trainer.build_network_architecture(
+        recorded.network_arch_class_name, recorded.network_arch_init_kwargs,
+        recorded.network_arch_init_kwargs_req_import, 1, 2, enable_deep_supervision=False)
+    assert _shapes(old_form) == _shapes(new_form)
+    # the new form ignores the recorded entry, and nnU-Net's own trainer never sees it
+    assert _shapes(trainer.build_network_architecture(PlansManager(plans), recorded, 1, 2, False)) == _shapes(new_form)
+    nnunet_compat.build_network(nnUNetTrainer, PlansManager(plans), recorded, 1, 2, False)
+
+
+def test_the_old_call_form_without_recorded_inputs_says_what_to_do():
+    configuration = PlansManager(tiny_plans(3)).get_configuration(CONFIGURATIONS[3][0])
+    with pytest.raises(ValueError, match="patch size and spacing.*rep3d-nnunet export"):
+        find_trainer_class("nnUNetTrainerRep3D").build_network_architecture(
+            configuration.network_arch_class_name, configuration.network_arch_init_kwargs,
+            configuration.network_arch_init_kwargs_req_import, 1, 2, False)
+
+
+# ---- the lookup module for nnU-Net < 2.8 (written into a temporary folder here, never into the real nnU-Net) ----
+
+
+@pytest.fixture
+def module_path(tmp_path, monkeypatch):
+    path = tmp_path / environment.EXTERNAL_TRAINER_MODULE
+    monkeypatch.setattr(environment, "external_trainer_module_path", lambda: path)
+    return path
+
+
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location("lookup_module_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_lookup_module_is_idempotent_undoable_and_reported(module_path, monkeypatch):
+    monkeypatch.setattr(environment, "has_external_trainer_folders", lambda: False)
+    assert environment.external_trainer_module_state() == "missing"
+    assert not environment._check_external_trainer_module().ok
+    assert "wrote" in environment.sync_external_trainer_module()
+    assert environment.external_trainer_module_state() == "installed"
+    assert environment.sync_external_trainer_module() is None  # idempotent
+    assert environment._check_external_trainer_module().ok
+    module_path.write_text(module_path.read_text().replace("as nnU-Net 2.8 does", "as an older version said"))
+    assert environment.external_trainer_module_state() == "stale"
+    assert "stale" in environment._check_external_trainer_module().what
+    environment.sync_external_trainer_module()
+    assert environment.external_trainer_module_state() == "installed"
+    assert environment.remove_external_trainer_module() and not module_path.exists()
+    assert not environment.remove_external_trainer_module()
+
+    monkeypatch.setattr(environment, "has_external_trainer_folders", lambda: True)
+    assert environment.external_trainer_module_state() == "not needed"
+    module_path.write_text(environment.EXTERNAL_TRAINER_MODULE_SOURCE)
+    finding = environment._check_external_trainer_module()
+    assert environment.external_trainer_module_state() == "leftover" and not finding.ok and not finding.blocking
+    assert "removed" in environment.sync_external_trainer_module() and not module_path.exists()
+
+
+def test_a_file_we_did_not_write_is_left_alone(module_path, monkeypatch):
+    monkeypatch.setattr(environment, "has_external_trainer_folders", lambda: False)
+    module_path.write_text("# someone else's module\n")
+    with pytest.raises(FileExistsError, match="not written by rep3d-nnunet"):
+        environment.sync_external_trainer_module()
+    assert not environment.remove_external_trainer_module() and module_path.exists()
+
+
+def test_the_lookup_module_answers_from_the_external_trainer_folders(module_path, monkeypatch):
+    module_path.write_text(environment.EXTERNAL_TRAINER_MODULE_SOURCE)
+    module = _load(module_path)
+    monkeypatch.setenv("nnUNet_extTrainer", str(environment.trainer_folder()))
+    assert module.nnUNetTrainerRep3D.__name__ == "nnUNetTrainerRep3D"
+    assert not hasattr(module, "nnUNetTrainerNobodyHasThis")
+    monkeypatch.delenv("nnUNet_extTrainer")
+    assert not hasattr(module, "nnUNetTrainerRep3D")  # as nnU-Net 2.8: only the listed folders
+    monkeypatch.setenv("nnUNet_extTrainer", str(environment.trainer_folder()))
+    monkeypatch.setitem(sys.modules, "rep3d_nnunet.nnunet_compat", None)  # rep3d-nnunet uninstalled
+    assert not hasattr(module, "nnUNetTrainerRep3D")
+
+
+def test_a_read_only_nnunet_gets_one_line_and_the_fix(module_path, monkeypatch):
+    monkeypatch.setattr(environment, "has_external_trainer_folders", lambda: False)
+
+    def refuse(*args):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(environment.os, "replace", refuse)  # as in a site-packages owned by another user
+    with pytest.raises(PermissionError, match="cannot write .*Fix: run rep3d-nnunet env once as the owner") as error:
+        environment.sync_external_trainer_module()
+    assert "\n" not in str(error.value) and not list(module_path.parent.glob(".*.tmp"))
+
+
+def test_env_and_its_undo_print_shell_lines(module_path, monkeypatch, capsys):
+    from rep3d_nnunet.cli import main
+
+    monkeypatch.setattr(environment, "has_external_trainer_folders", lambda: False)
+    monkeypatch.setenv("nnUNet_extTrainer", "/other/trainers")
+    assert main(["env"]) == 0
+    out, err = capsys.readouterr()
+    registered = f"{environment.trainer_folder()}{os.pathsep}/other/trainers"
+    assert out.strip() == f"export nnUNet_extTrainer={registered}" and "wrote" in err and module_path.is_file()
+    monkeypatch.setenv("nnUNet_extTrainer", registered)
+    assert main(["env", "--undo"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "export nnUNet_extTrainer=/other/trainers" and "removed" in err
+    assert not module_path.exists()
