@@ -73,7 +73,7 @@ def _moved(state: dict, seed: int) -> dict:
 def fold_weights(variant: str, plans_manager, configuration_manager, folds: int) -> tuple[torch.nn.Module, list]:
     """The network nnU-Net's predictor builds for ``variant`` and one state dict per fold."""
     from rep3d_nnunet.export import fold
-    from rep3d_nnunet.model_folder import find_trainer_class
+    from rep3d_nnunet.nnunet_compat import find_trainer_class
 
     trainer = find_trainer_class(TRAINERS[variant])
 
