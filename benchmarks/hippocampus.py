@@ -352,8 +352,26 @@ def slices_figure(rows: list[dict], results: Path, raw: Path, path: Path, fold: 
     return True
 
 
+def complete_folds(rows: list[dict]) -> tuple[list[dict], str]:
+    """The rows of the folds that every contender in ``rows`` has finished, and a line naming the folds left out:
+    means over different folds per contender would not compare like with like."""
+    trainers = set(r["trainer"] for r in rows)
+    left_out = []
+    for fold in sorted({int(r["fold"]) for r in rows}):
+        done = {r["trainer"] for r in rows if int(r["fold"]) == fold}
+        if done != trainers:
+            left_out.append(f"fold {fold} ({len(done)} of {len(trainers)} contenders done)")
+    kept = [r for r in rows if not any(f"fold {r['fold']} " in entry for entry in left_out)]
+    return kept, ("Left out of the tables and plots, unfinished: " + ", ".join(left_out) + ".\n") if left_out else ""
+
+
 def write_report(rows: list[dict], output: Path) -> None:
-    convergence.write_report(rows, output, "hippocampus", draw=plot, tabulate=summary_table)
+    rows, note = complete_folds(rows)
+    if not rows:
+        print("no fold is finished by every contender yet: nothing to report")
+        return
+    convergence.write_report(rows, output, "hippocampus", draw=plot,
+                             tabulate=lambda kept: note + summary_table(kept))
     nnunet = output / "nnunet"
     raw = sorted((nnunet / "nnUNet_raw").glob("Dataset*_*"))
     results = sorted((nnunet / "nnUNet_results").glob("Dataset*_*"))

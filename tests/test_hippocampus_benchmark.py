@@ -59,9 +59,7 @@ def test_a_folder_without_labels_is_refused(tmp_path):
 
 
 def test_a_download_without_imagesTs_is_staged_for_the_converter(tmp_path):
-    spec = importlib.util.spec_from_file_location("hippocampus_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_script()
     folder = _task04(tmp_path / "download")
     module.check_msd_task04(folder)
     staged = module.msd_source(folder, tmp_path / "staging")
@@ -70,3 +68,28 @@ def test_a_download_without_imagesTs_is_staged_for_the_converter(tmp_path):
     assert not (folder / "imagesTs").exists()  # the user's folder is left as it was
     (folder / "imagesTs").mkdir()
     assert module.msd_source(folder, tmp_path / "staging") == folder
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("hippocampus_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tables_only_average_folds_that_every_contender_finished():
+    module = _load_script()
+    common = {"epoch": "2", "iteration": "50", "train_loss": "0", "seconds_per_iteration": "1.0",
+              "seconds_per_case": "0.5", "validation_cases": "40", "batch_size": "2", "features": "8-16-32-64",
+              "mirroring": "False", "device": "cpu", "trainer_class": "x"}
+    def row(fold, trainer, anterior, posterior):
+        return {**common, "fold": fold, "trainer": trainer, "dice_anterior": anterior, "dice_posterior": posterior,
+                "mean_dice": str((float(anterior) + float(posterior)) / 2)}
+
+    rows = [row("0", "A", "0.2", "0.4"), row("0", "B", "0.6", "0.8"), row("1", "A", "0.9", "0.9")]
+    kept, note = module.complete_folds(rows)
+    assert [(r["fold"], r["trainer"]) for r in kept] == [("0", "A"), ("0", "B")]
+    assert note == "Left out of the tables and plots, unfinished: fold 1 (1 of 2 contenders done).\n"
+    table = module.summary_table(kept)
+    assert "| A | 1 | 0.200 ± 0.000 | 0.400 ± 0.000 | 0.300 ± 0.000 |" in table
+    assert "| B | 1.00 | 0.50 |" in table
