@@ -252,9 +252,11 @@ def summary_table(rows: list[dict]) -> str:
     trainers = list(dict.fromkeys(r["trainer"] for r in rows))
     folds = sorted({int(r["fold"]) for r in rows})
     first = rows[0]
-    lines = [f"Folds {', '.join(map(str, folds))} of nnU-Net's 5-fold split; batch {first['batch_size']}, features "
-             f"{first['features']}, mirroring {'on' if first['mirroring'] == 'True' else 'off'}, {first['device']}. "
-             f"Dice from nnU-Net's validation (compute_metrics_on_folder), mean ± std over folds.\n"]
+    spread = ", mean ± std over folds" if len(folds) > 1 else ""
+    lines = [f"Fold{'s' if len(folds) > 1 else ''} {', '.join(map(str, folds))} of nnU-Net's 5-fold split; batch "
+             f"{first['batch_size']}, features {first['features']}, mirroring "
+             f"{'on' if first['mirroring'] == 'True' else 'off'}, {first['device']}. Dice from nnU-Net's validation "
+             f"(compute_metrics_on_folder, mean over the fold's validation cases){spread}.\n"]
     for iteration in sorted({int(r["iteration"]) for r in rows}):
         lines += [f"**after {iteration} iterations**\n", "| trainer | folds | anterior | posterior | mean |",
                   "| --- | --- | --- | --- | --- |"]
@@ -263,7 +265,7 @@ def summary_table(rows: list[dict]) -> str:
             if not selected:
                 lines.append(f"| {trainer} | 0 | - | - | - |")
                 continue
-            cells = [f"{np.mean(v):.3f} ± {np.std(v):.3f}" for v in
+            cells = [f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}" for v in
                      ([float(r[k]) for r in selected] for k in ("dice_anterior", "dice_posterior", "mean_dice"))]
             lines.append(f"| {trainer} | {len(selected)} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -294,12 +296,13 @@ def plot(rows: list[dict], path: Path) -> None:
                 axis.plot(iterations, [np.mean(v) for v in values], marker="o", label=trainer)
                 axis.fill_between(iterations, [min(v) for v in values], [max(v) for v in values], alpha=0.12)
             folds = sorted({int(r["fold"]) for r in rows})
-            axis.set_title(f"Dice, {title} (mean, min-max over folds {', '.join(map(str, folds))})", fontsize=10)
+            over = f"mean, min-max over folds {', '.join(map(str, folds))}" if len(folds) > 1 else f"fold {folds[0]}"
+            axis.set_title(f"validation Dice, {title} ({over})", fontsize=10)
             axis.set_xlabel("training iteration")
             axis.set_ylim(0, 1)
             axis.grid(alpha=0.3)
         axes[0].set_ylabel("validation Dice")
-        axes[-1].legend(fontsize=8, loc="lower right")
+        axes[-1].legend(fontsize=8, loc="best")
         figure.tight_layout()
         figure.savefig(path, dpi=110)
         plt.close(figure)
