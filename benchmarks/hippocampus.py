@@ -410,8 +410,8 @@ def main(argv=None) -> int:
     output.mkdir(parents=True, exist_ok=True)
     set_nnunet_paths(output / "nnunet")
     os.environ.setdefault("nnUNet_def_n_proc", "1")
-    # before torch loads OpenMP: spinning OpenMP threads on a shared CPU cost up to 5x here (2 threads, spinning:
-    # 15 s per nnU-Net iteration; 1 thread, passive: 2.8 s, same load)
+    # before torch loads OpenMP: on a crowded CPU spinning threads are the cost (an nnU-Net epoch of 7 iterations on
+    # the shared 2-core machine: 44-75 s with 2 threads spinning, 8-9 s with 1 thread waiting passively)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
