@@ -17,7 +17,7 @@ Writes into ``--output``: ``hippocampus.csv``, ``hippocampus.md`` (tables), ``hi
 iteration) and ``hippocampus_slices.png`` (validation slices: image, ground truth, two contenders' predictions).
 The nnU-Net tree (raw, preprocessed, results with every probe's validation predictions) is ``--output``/nnunet.
 
-    python benchmarks/hippocampus.py --output docs/hippocampus --folds 0 1 2                 # CPU size
+    nice -n 5 python benchmarks/hippocampus.py --output docs/hippocampus --threads 1         # docs/hippocampus.md
     python benchmarks/hippocampus.py --data /data/Task04_Hippocampus --device cuda --feature-divisor 1 \\
         --batch-size 0 --epochs 1000 --iterations 250 --probe-epochs 250 500 1000 --mirroring   # nnU-Net's own
     python benchmarks/hippocampus.py --plot-only docs/hippocampus/hippocampus.csv
@@ -74,10 +74,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", default="hippocampus_output", help="folder for CSV, tables, plots, nnU-Net tree")
     parser.add_argument("--dataset-id", type=int, default=4, help="nnU-Net dataset id of the converted copy")
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2], help="folds of nnU-Net's 5-fold split")
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=2, help="epochs of --iterations each (nnU-Net's poly decay "
+                                                                "runs over these)")
     parser.add_argument("--iterations", type=int, default=25, help="training iterations per epoch")
     parser.add_argument("--probe-epochs", type=int, nargs="+", default=None,
-                        help="epochs (1-based) after which nnU-Net's validation runs (default: 1/4, 1/2, 1)")
+                        help="epochs (1-based) after which nnU-Net's validation runs, the last epoch always "
+                             "(default: 1/4, 1/2 and all of --epochs)")
     parser.add_argument("--feature-divisor", type=int, default=4,
                         help="every stage's features divided by this, for every trainer (1: nnU-Net's plan)")
     parser.add_argument("--batch-size", type=int, default=2, help="batch size for every trainer (0: the plan's)")
@@ -101,7 +103,7 @@ def probe_epochs(args) -> list[int]:
     if args.probe_epochs:
         if not all(1 <= e <= args.epochs for e in args.probe_epochs):
             raise BadInput(f"--probe-epochs must be within 1..{args.epochs} (--epochs), got {args.probe_epochs}")
-        return sorted(set(args.probe_epochs))
+        return sorted(set(args.probe_epochs) | {args.epochs})  # the last: a resumed run checks its budget by it
     return sorted({max(1, round(args.epochs * f)) for f in (1 / 4, 1 / 2, 1)})
 
 
@@ -184,6 +186,11 @@ def write_bench_plans(preprocessed: Path, feature_divisor: int, batch_size: int)
         configuration["batch_size"] = batch_size
     (preprocessed / f"{PLANS_NAME}.json").write_text(json.dumps(plans, indent=2))
     return configuration
+
+
+def plans_batch_size(folder: str) -> int:
+    plans = json.loads((Path(os.environ["nnUNet_preprocessed"]) / folder / f"{PLANS_NAME}.json").read_text())
+    return plans["configurations"][CONFIGURATION]["batch_size"]
 
 
 # ---- one contender on one fold ---------------------------------------------------------------------------------------
@@ -420,6 +427,11 @@ def main(argv=None) -> int:
     folder = prepare_dataset(args)
     csv_path = output / "hippocampus.csv"
     rows = read_rows(csv_path) if csv_path.is_file() else []
+    budgets = {(int(r["iteration"]), r["batch_size"]) for r in rows if int(r["epoch"]) == args.epochs}
+    if rows and budgets != {(args.epochs * args.iterations, str(plans_batch_size(folder)))}:
+        print(f"hippocampus.py: {csv_path} holds runs of another budget (iterations, batch: {sorted(budgets)}); pass "
+              f"the same --epochs, --iterations and --batch-size to resume it, or another --output", file=sys.stderr)
+        return 2
     done = {(int(r["fold"]), r["trainer"]) for r in rows}
     for fold in args.folds:  # folds outside, so that every contender has the same folds done at any moment
         for contender in contenders:
