@@ -148,16 +148,32 @@ def write_bench_plans(preprocessed: Path, base_features: int, max_features: int)
 
 
 # ---- trainers with a validation probe --------------------------------------------------------------------------------
-def trainer_class(contender: Contender, epochs: int, iterations: int, probes: list[int]):
-    """The contender's trainer class with the run length set and a Dice probe after the chosen epochs."""
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+def base_trainer_class(name: str):
+    """A trainer class by name: a Rep3D variant (``rep3d_nnunet.variants``) or one of nnU-Net's own trainers."""
+    import nnunetv2
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 
     from rep3d_nnunet.variants import make_trainer_class
 
-    if contender.base == "nnUNetTrainer":
-        base = nnUNetTrainer
-    else:
-        base = make_trainer_class(contender.base)
+    try:
+        return make_trainer_class(name)
+    except ValueError:
+        pass
+    found = recursive_find_python_class(str(Path(nnunetv2.__path__[0]) / "training" / "nnUNetTrainer"), name,
+                                        "nnunetv2.training.nnUNetTrainer")
+    if found is None:
+        raise ValueError(f"{name!r} is neither a Rep3D variant nor one of nnU-Net's trainers")
+    return found
+
+
+def trainer_class(contender: Contender, epochs: int, iterations: int, probes: list[int], probe=None):
+    """The contender's trainer class with the run length set and a Dice probe after the chosen epochs.
+
+    ``probe(trainer, epoch)`` returns the record's Dice fields (default: ``validation_dice``); the time it takes is
+    summed in the trainer's ``probe_seconds``, so that training time can be told apart from probing time.
+    """
+    base = base_trainer_class(contender.base)
+    probe = probe or (lambda trainer, _: validation_dice(trainer))
 
     class Probed(base):
         def __init__(self, plans, configuration, fold, dataset_json, device=None):
@@ -167,18 +183,21 @@ def trainer_class(contender: Contender, epochs: int, iterations: int, probes: li
             self.num_val_iterations_per_epoch = 2
             self.save_every = 10 ** 6  # checkpoints cost time and disk; the probe records what we need
             self.probe_records: list[dict] = []
+            self.probe_seconds = 0.0
 
         def on_epoch_end(self):
             epoch = self.current_epoch + 1
             super().on_epoch_end()
             if epoch in probes:
-                record = validation_dice(self)
+                started = time.time()
+                record = probe(self, epoch)
+                self.probe_seconds += time.time() - started
                 record.update(epoch=epoch, iteration=epoch * iterations,
                               train_loss=float(self.logger.get_value("train_losses", step=-1)))
                 self.probe_records.append(record)
+                per_class = ", ".join(f"{record[k]:.3f}" for k in record if k.startswith("dice_"))
                 print(f"  {contender.label}: epoch {epoch}, iteration {epoch * iterations}: "
-                      f"mean Dice {record['mean_dice']:.3f} ({record['dice_class_1']:.3f}, {record['dice_class_2']:.3f})",
-                      flush=True)
+                      f"mean Dice {record['mean_dice']:.3f} ({per_class})", flush=True)
 
     attributes = {}
     if contender.kernel_size is not None:
