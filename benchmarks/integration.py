@@ -95,6 +95,8 @@ def environment(workdir: Path, device: str) -> dict:
     env["nnUNet_extTrainer"] = export_lines(env)[0].split("=", 1)[1]
     env.setdefault("nnUNet_def_n_proc", "1" if device == "cpu" else str(min(os.cpu_count() or 1, 8)))
     env.setdefault("nnUNet_compile", "false")
+    if device == "cpu":  # see rep3d_nnunet.demo.demo_environment: spin-waiting threads stall on a shared CPU
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 
@@ -185,16 +187,19 @@ def run_protocol(args: argparse.Namespace) -> None:
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer", "nnUNet_def_n_proc"):
         os.environ[name] = env[name]  # for step 4, in this process: nnunetv2.paths reads them when first imported
     check_trainer(args.trainer)
-    print(f"nnU-Net's integration protocol with {args.trainer} on {device}: {len(source.cases)} cases from "
-          f"{source.root}, working in {workdir}")
+    print(f"nnU-Net's integration protocol with {args.trainer} on {device}: {len(source.cases[::args.every])} cases "
+          f"from {source.root}, working in {workdir}")
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer", "nnUNet_def_n_proc"):
         print(f"  export {name}={env[name]}")
     n = env["nnUNet_def_n_proc"]
     python = sys.executable
 
     print("\n# 1. nnU-Net's MSD converter; held-out test cases")
-    converter_folder = converter_input(source.root, workdir / "msd_source")
-    print(f"  {converter_folder}: {source.root}'s imagesTr and labelsTr, an empty imagesTs (the converter needs it)")
+    converter_folder = converter_input(source.root, workdir / "msd_source", args.every)
+    used = len(source.cases[::args.every])
+    print(f"  {converter_folder}: {source.root}'s imagesTr and labelsTr"
+          + (f" (every {args.every}th case: {used} of {len(source.cases)})" if args.every > 1 else "")
+          + ", an empty imagesTs (the converter needs it)")
     _run([_bin("nnUNetv2_convert_MSD_dataset"), "-i", str(converter_folder), "-overwrite_id", str(SOURCE_ID), "-np", n],
          env)
     test = move_held_out_cases(workdir / "nnUNet_raw" / f"Dataset{SOURCE_ID:03d}_Hippocampus", args.test_every)
@@ -237,7 +242,7 @@ def run_protocol(args: argparse.Namespace) -> None:
     best = result["best_model_or_ensemble"]
     selected = " + ".join(m["configuration"] for m in best["selected_model_or_models"])
     test_dice = json.loads(summary.read_text())
-    print(f"\nResult ({args.trainer}, {len(source.cases) - len(test)} training cases x 5 folds, {len(test)} test "
+    print(f"\nResult ({args.trainer}, {used - len(test)} training cases x 5 folds, {len(test)} test "
           f"cases, {device}):")
     print("  cross-validation Dice per model: " + ", ".join(
         f"{name}: {values['result']:.3f}" for name, values in result["all_results"].items()))
@@ -257,6 +262,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", help="an empty folder for the nnU-Net tree (default: a new temporary folder)")
     parser.add_argument("--max-features", type=int, default=0,
                         help="cap features per stage in every configuration (default: the plan's, as nnU-Net's)")
+    parser.add_argument("--every", type=int, default=1,
+                        help="use every Nth case of --data only (sorted; default 1: all), for shorter runs")
     parser.add_argument("--test-every", type=int, default=10,
                         help="every Nth case becomes a held-out test case (default 10)")
     parser.add_argument("--jobs", type=int, default=1, help="folds trained at once (default 1)")
@@ -267,8 +274,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if args.max_features < 0 or args.test_every < 2 or args.jobs < 1:
-            raise ValueError("--max-features must be >= 0, --test-every >= 2 and --jobs >= 1")
+        if args.max_features < 0 or args.test_every < 2 or args.jobs < 1 or args.every < 1:
+            raise ValueError("--max-features must be >= 0, --test-every >= 2, --jobs >= 1 and --every >= 1")
         run_protocol(args)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"integration: error: {error}", file=sys.stderr)

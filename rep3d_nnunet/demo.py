@@ -77,7 +77,7 @@ class DemoSettings:
 
 
 # The real-data demo's schedule and network width (CPU-sized; measured in the README)
-HIPPOCAMPUS_DEFAULTS = {"dataset_id": 994, "epochs": 12, "iterations_per_epoch": 25, "base_features": 8,
+HIPPOCAMPUS_DEFAULTS = {"dataset_id": 994, "epochs": 8, "iterations_per_epoch": 25, "base_features": 8,
                         "max_features": 64}
 
 
@@ -119,6 +119,11 @@ def demo_environment(workdir: Path, device: str, trainer_folder: Path) -> dict:
     # nnU-Net's worker pools default to 8 processes; on a small CPU their start-up stalls validation for tens of
     # seconds (rep3d-nnunet doctor explains)
     env.setdefault("nnUNet_def_n_proc", str(min(os.cpu_count() or 1, 4)))
+    if device == "cpu":
+        # nnUNetv2_train/predict -device cpu use one torch thread per core; with OpenMP's default spin-waiting, a
+        # core taken by another program stalls the other threads at every barrier (tests/nnunet_helpers.run_in_pairs
+        # measured 15x slower epochs); passive waiting costs a single job nothing measurable
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 

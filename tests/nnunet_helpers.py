@@ -52,6 +52,8 @@ def nnunet_environment(root: Path, extra_trainer_folder: Path | None = None) -> 
     folders = [str(trainer_folder())] + ([str(extra_trainer_folder)] if extra_trainer_folder else [])
     env["nnUNet_extTrainer"] = os.pathsep.join(folders)
     env.update({"nnUNet_def_n_proc": "1", "nnUNet_compile": "false"})
+    # see run_in_pairs: spin-waiting OpenMP threads stall whenever another program holds a core (shared machines)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 

@@ -49,14 +49,14 @@ def _write_small_plain_plans(preprocessed: Path) -> None:
 def hippocampus(tmp_path_factory):
     """Converted, planned and trained once: fold 0 of the tiny Rep3D trainer and of a tiny nnUNetTrainer.
 
-    Three cases are held out (imagesTs/labelsTs); fold 0 validates on one case only (splits_final.json), as
-    nnU-Net's end-of-training validation predicts every validation case and that only costs time here.
+    Two cases are held out (imagesTs/labelsTs); fold 0 validates on one case only (splits_final.json): nnU-Net's
+    end-of-training validation predicts every validation case, and more cases only cost time here.
     """
     root = tmp_path_factory.mktemp("hippocampus")
     env = nnunet_environment(root, write_tiny_trainer(root / "test_trainers"))
     run(["nnUNetv2_convert_MSD_dataset", "-i", str(SUBSET), "-overwrite_id", str(DATASET_ID), "-np", "1"], env)
     raw = Path(env["nnUNet_raw"]) / DATASET
-    held_out = move_held_out_cases(raw, every=12)
+    held_out = move_held_out_cases(raw, every=13)
     run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-npfp", "1", "-np", "1"], env)
     run(["rep3d-nnunet", "plan", "-d", str(DATASET_ID), "-c", "3d_fullres", "--base-features", str(BASE_FEATURES),
          "--max-features", str(MAX_FEATURES), "-np", "1"], env)

@@ -37,12 +37,13 @@ def move_held_out_cases(dataset: Path, every: int) -> list[str]:
     return held_out
 
 
-def converter_input(source: Path, work: Path) -> Path:
+def converter_input(source: Path, work: Path, every: int = 1) -> Path:
     """A folder nnU-Net's MSD converter accepts for the Task04 folder ``source`` (checked first, see below).
 
     The converter needs the folder to be named ``Task04_Hippocampus`` and to contain ``imagesTs/`` (copies of the
     release often drop that empty folder, and users rename folders); it gets symbolic links to ``imagesTr`` and
-    ``labelsTr``, an empty ``imagesTs`` and the keys of dataset.json it reads, inside ``work`` (created).
+    ``labelsTr``, an empty ``imagesTs`` and the keys of dataset.json it reads, inside ``work`` (created). With
+    ``every`` > 1 only every ``every``-th labelled case (sorted identifiers, the first included) is linked.
 
     Raises:
         FileNotFoundError, ValueError: ``source`` is not an MSD Task04 Hippocampus folder (one line naming the fix).
@@ -54,8 +55,20 @@ def converter_input(source: Path, work: Path) -> Path:
     if mirror.exists():
         shutil.rmtree(mirror)
     mirror.mkdir(parents=True)
-    for kind in ("imagesTr", "labelsTr"):
-        (mirror / kind).symlink_to((located.root / kind).resolve(), target_is_directory=True)
+    dataset_json = _minimal_msd_json(located.root / "dataset.json")
+    if every == 1:
+        for kind in ("imagesTr", "labelsTr"):
+            (mirror / kind).symlink_to((located.root / kind).resolve(), target_is_directory=True)
+    else:
+        selected = located.cases[::every]
+        for kind in ("imagesTr", "labelsTr"):
+            (mirror / kind).mkdir()
+        for case in selected:
+            (mirror / "imagesTr" / case.image.name).symlink_to(case.image.resolve())
+            (mirror / "labelsTr" / case.label.name).symlink_to(case.label.resolve())
+        names = {case.label.name for case in selected}
+        dataset_json["training"] = [entry for entry in dataset_json["training"]
+                                    if Path(entry["label"]).name in names]
     (mirror / "imagesTs").mkdir()
-    (mirror / "dataset.json").write_text(json.dumps(_minimal_msd_json(located.root / "dataset.json"), indent=4))
+    (mirror / "dataset.json").write_text(json.dumps(dataset_json, indent=4))
     return mirror
