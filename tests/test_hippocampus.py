@@ -153,3 +153,21 @@ def test_dka_finetunes_a_plain_nnunet_checkpoint_and_predicts(hippocampus):
     for identifier in held_out:
         segmentation = _segmentation(root / "pred_dka" / f"{identifier}.nii.gz")
         assert segmentation.shape == _segmentation(raw / "labelsTs" / f"{identifier}.nii.gz").shape
+
+
+def test_slices_figure_of_a_real_case(tmp_path):
+    """The demo's picture: image, ground truth and predictions through the largest cross-sections; a prediction of
+    another case (other geometry) is refused by name."""
+    from rep3d_nnunet.slices_figure import central_slices, read_array, write_slices_figure
+
+    image, label = SUBSET / "imagesTr" / "hippocampus_001.nii.gz", SUBSET / "labelsTr" / "hippocampus_001.nii.gz"
+    labels = read_array(label)
+    for axis, index in central_slices(labels):
+        area = (np.take(labels, index, axis=axis) > 0).sum()
+        assert area == max((np.take(labels, i, axis=axis) > 0).sum() for i in range(labels.shape[axis]))
+    png = write_slices_figure(image, label, {"model": label}, tmp_path / "slices.png", {1: "anterior", 2: "posterior"})
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="other case"):
+        write_slices_figure(image, label, {"other case": SUBSET / "labelsTr" / "hippocampus_020.nii.gz"},
+                            tmp_path / "refused.png")
+    assert not (tmp_path / "refused.png").exists()
