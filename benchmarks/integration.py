@@ -181,8 +181,11 @@ def run_protocol(args: argparse.Namespace) -> None:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="rep3d_integration_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    if any(workdir.iterdir()):
-        raise FileExistsError(f"{workdir} is not empty. Fix: pass a new or empty --workdir (or none: a temporary one)")
+    prepared_marker = workdir / "prepared.json"
+    resuming = args.resume and prepared_marker.is_file()
+    if any(workdir.iterdir()) and not resuming:
+        raise FileExistsError(f"{workdir} is not empty (and holds no prepared run to --resume). Fix: pass a new or "
+                              f"empty --workdir (or none: a temporary one)")
     env = environment(workdir, device)
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer", "nnUNet_def_n_proc"):
         os.environ[name] = env[name]  # for step 4, in this process: nnunetv2.paths reads them when first imported
@@ -194,35 +197,51 @@ def run_protocol(args: argparse.Namespace) -> None:
     n = env["nnUNet_def_n_proc"]
     python = sys.executable
 
-    print("\n# 1. nnU-Net's MSD converter; held-out test cases")
-    converter_folder = converter_input(source.root, workdir / "msd_source", args.every)
     used = len(source.cases[::args.every])
-    print(f"  {converter_folder}: {source.root}'s imagesTr and labelsTr"
-          + (f" (every {args.every}th case: {used} of {len(source.cases)})" if args.every > 1 else "")
-          + ", an empty imagesTs (the converter needs it)")
-    _run([_bin("nnUNetv2_convert_MSD_dataset"), "-i", str(converter_folder), "-overwrite_id", str(SOURCE_ID), "-np", n],
-         env)
-    test = move_held_out_cases(workdir / "nnUNet_raw" / f"Dataset{SOURCE_ID:03d}_Hippocampus", args.test_every)
-    print(f"  moved every {args.test_every}th case to imagesTs/labelsTs: {len(test)} test cases "
-          f"({', '.join(test[:4])}{', ...' if len(test) > 4 else ''})")
+    if resuming:
+        test = json.loads(prepared_marker.read_text())["test_cases"]
+        print(f"\n# 1.-2. resumed: {workdir} holds the converted, planned and preprocessed dataset")
+    else:
+        print("\n# 1. nnU-Net's MSD converter; held-out test cases")
+        converter_folder = converter_input(source.root, workdir / "msd_source", args.every)
+        print(f"  {converter_folder}: {source.root}'s imagesTr and labelsTr"
+              + (f" (every {args.every}th case: {used} of {len(source.cases)})" if args.every > 1 else "")
+              + ", an empty imagesTs (the converter needs it)")
+        _run([_bin("nnUNetv2_convert_MSD_dataset"), "-i", str(converter_folder), "-overwrite_id", str(SOURCE_ID),
+              "-np", n], env)
+        test = move_held_out_cases(workdir / "nnUNet_raw" / f"Dataset{SOURCE_ID:03d}_Hippocampus", args.test_every)
+        print(f"  moved every {args.test_every}th case to imagesTs/labelsTs: {len(test)} test cases "
+              f"({', '.join(test[:4])}{', ...' if len(test) > 4 else ''})")
 
-    print("\n# 2. nnU-Net's integration dataset, planning, 3d_lowres + cascade, preprocessing")
-    _run([python, "-m", "nnunetv2.dataset_conversion.datasets_for_integration_tests."
-                        "Dataset999_IntegrationTest_Hippocampus"], env)
-    _run([_bin("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "--no_pp", "-npfp", n], env)
-    _run([python, "-m", "nnunetv2.tests.integration_tests.add_lowres_and_cascade", "-d", str(DATASET_ID)], env)
-    plans_file = workdir / "nnUNet_preprocessed" / DATASET_NAME / "nnUNetPlans.json"
-    if args.max_features:
-        cap_features(plans_file, args.max_features)
-        print(f"  features capped at {args.max_features} in every configuration of {plans_file.name} (CPU-sized)")
-    _run([_bin("nnUNetv2_preprocess"), "-d", str(DATASET_ID), "-c", "2d", "3d_lowres", "3d_fullres",
-          "-np", n, n, n], env)
+        print("\n# 2. nnU-Net's integration dataset, planning, 3d_lowres + cascade, preprocessing")
+        _run([python, "-m", "nnunetv2.dataset_conversion.datasets_for_integration_tests."
+                            "Dataset999_IntegrationTest_Hippocampus"], env)
+        _run([_bin("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "--no_pp", "-npfp", n], env)
+        _run([python, "-m", "nnunetv2.tests.integration_tests.add_lowres_and_cascade", "-d", str(DATASET_ID)], env)
+        plans_file = workdir / "nnUNet_preprocessed" / DATASET_NAME / "nnUNetPlans.json"
+        if args.max_features:
+            cap_features(plans_file, args.max_features)
+            print(f"  features capped at {args.max_features} in every configuration of {plans_file.name} (CPU-sized)")
+        _run([_bin("nnUNetv2_preprocess"), "-d", str(DATASET_ID), "-c", "2d", "3d_lowres", "3d_fullres",
+              "-np", n, n, n], env)
+
+        prepared_marker.write_text(json.dumps({"test_cases": test}))
 
     print(f"\n# 3. {len(CONFIGURATIONS)} configurations x {len(FOLDS)} folds with {args.trainer} (--npz)")
     train_env = {**env, "nnUNet_n_proc_DA": env.get("nnUNet_n_proc_DA", "0")} if device == "cpu" else env
     for configuration in CONFIGURATIONS:
-        _run_parallel([[_bin("nnUNetv2_train"), str(DATASET_ID), configuration, str(fold), "-tr", args.trainer,
-                        "--npz", "-device", device] for fold in FOLDS], train_env, args.jobs)
+        commands = []
+        for fold in FOLDS:
+            fold_folder = workdir / "nnUNet_results" / DATASET_NAME / f"{args.trainer}__nnUNetPlans__{configuration}" \
+                / f"fold_{fold}"
+            if (fold_folder / "validation" / "summary.json").is_file():
+                print(f"  {configuration} fold {fold}: trained and validated earlier")
+                continue
+            # a fold stopped during its final validation validates again from its final checkpoint
+            validate_only = ["--val"] if (fold_folder / "checkpoint_final.pth").is_file() else []
+            commands.append([_bin("nnUNetv2_train"), str(DATASET_ID), configuration, str(fold), "-tr", args.trainer,
+                             "--npz", "-device", device, *validate_only])
+        _run_parallel(commands, train_env, args.jobs)
 
     print("\n# 4. find_best_configuration (ensembling allowed), prediction of imagesTs with the best, postprocessing")
     print(f"$ {python} -c 'best_configuration_inference({args.trainer!r}, {device!r})'  "
@@ -268,6 +287,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="every Nth case becomes a held-out test case (default 10)")
     parser.add_argument("--jobs", type=int, default=1, help="folds trained at once (default 1)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a stopped run in --workdir: folds validated earlier are kept, folds with a "
+                             "final checkpoint are validated again (nnUNetv2_train --val), the rest trained")
     return parser.parse_args(argv)
 
 
