@@ -199,6 +199,7 @@ def results_table(rows: list[dict], label_names: dict[str, str] | None = None) -
 
 
 def _start(settings: DemoSettings) -> tuple[Path, str, Path, dict]:
+    """Working folder, device, trainer folder and nnU-Net environment of a demo run; prints the export lines."""
     workdir = settings.workdir.resolve()
     device = resolve_device(settings.device)
     trainers_folder = write_demo_trainers(workdir / "demo_trainers", settings)
