@@ -74,7 +74,8 @@ _LIBRARY_COMMANDS = {
                            "add_erf_arguments", "run_erf"),
     "split": _LibraryCommand("low-data splits_final.json: a fixed held-out test set and 5 folds whose training "
                              "parts hold a fraction of the other cases (the DKA paper's protocol)", ".splits"),
-    "demo": _LibraryCommand("end to end on a synthetic dataset: convert, plan, train, export, predict, evaluate",
+    "demo": _LibraryCommand("end to end on real MRI (MSD Hippocampus) or a synthetic task: convert, plan, train, "
+                            "export, predict, evaluate, one table and one picture",
                             ".demo"),
 }
 

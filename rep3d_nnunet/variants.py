@@ -165,6 +165,8 @@ SCHEDULES: dict[str, Schedule | None] = {
     **{f"_{n}epoch" + ("s" if n > 1 else ""): Schedule(n) for n in (1, 5, 10, 20, 50, 100, 250, 500, 750, 2000)},
     # CPU-sized: demos and smoke runs on a laptop; 20 epochs x 25 iterations.
     "_quick": Schedule(20, iterations_per_epoch=25, val_iterations_per_epoch=5),
+    # smoke runs of whole protocols on a CPU (benchmarks/integration.sh: 4 configurations x 5 folds): 1 x 5 iterations
+    "_1epoch_5iterations": Schedule(1, iterations_per_epoch=5, val_iterations_per_epoch=1),
     # nnU-Net's speed benchmarks under nnU-Net's names (nnUNetTrainerBenchmark_5epochs, ..._noDataLoading), so that
     # nnUNetTrainerRep3DBenchmark_5epochs writes the same json as nnU-Net's own and epoch times compare directly.
     "Benchmark_5epochs": Schedule(5, loop=nnUNetTrainerBenchmark_5epochs),

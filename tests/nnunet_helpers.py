@@ -20,9 +20,10 @@ TINY_TRAINER = "nnUNetTrainerRep3DTestTiny"
 # nnU-Net's recommended way to add a trainer: a file in a folder listed in nnUNet_extTrainer. Epochs and iterations
 # are tiny so that five folds run in minutes on two CPU cores; the network is the real one (k=21, LRBM).
 TINY_DKA_TRAINER = "nnUNetTrainerDKATestTiny"
+TINY_PLAIN_TRAINER = "nnUNetTrainerTestTiny"  # nnU-Net's default trainer and network, the same tiny schedule
 TINY_TRAINER_SOURCE = textwrap.dedent(f'''
     from rep3d_nnunet.finetuning import DKATrainer
-    from rep3d_nnunet.training import Rep3DTrainer
+    from rep3d_nnunet.training import Rep3DTrainer, ScheduledTrainer
 
 
     class {TINY_TRAINER}(Rep3DTrainer):
@@ -32,6 +33,12 @@ TINY_TRAINER_SOURCE = textwrap.dedent(f'''
 
 
     class {TINY_DKA_TRAINER}(DKATrainer):
+        num_epochs_override = 2
+        iterations_per_epoch_override = 3
+        val_iterations_per_epoch_override = 1
+
+
+    class {TINY_PLAIN_TRAINER}(ScheduledTrainer):
         num_epochs_override = 2
         iterations_per_epoch_override = 3
         val_iterations_per_epoch_override = 1
@@ -49,6 +56,8 @@ def nnunet_environment(root: Path, extra_trainer_folder: Path | None = None) -> 
     folders = [str(trainer_folder())] + ([str(extra_trainer_folder)] if extra_trainer_folder else [])
     env["nnUNet_extTrainer"] = os.pathsep.join(folders)
     env.update({"nnUNet_def_n_proc": "1", "nnUNet_compile": "false"})
+    # see run_in_pairs: spin-waiting OpenMP threads stall whenever another program holds a core (shared machines)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 

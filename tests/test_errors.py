@@ -157,3 +157,20 @@ def test_dataset_id_that_does_not_exist(capsys, tmp_path, monkeypatch):
 def test_nnunet_folder_set_to_a_folder_that_does_not_exist(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
     _fails(capsys, ["plan", "-d", "4"], f"nnUNet_raw={tmp_path / 'raw'} does not exist", "mkdir -p")
+
+
+def test_demo_data_that_is_not_msd_task04(capsys, tmp_path, monkeypatch):
+    """rep3d-nnunet demo --data: an empty folder, another MSD task, or --data with the synthetic task; nothing is
+    written (the working folder is not even created)."""
+    monkeypatch.chdir(tmp_path)
+    workdir = tmp_path / "demo"
+    _fails(capsys, ["demo", "--data", str(tmp_path / "nope"), "--workdir", str(workdir)], "dataset.json",
+           "Task04_Hippocampus")
+    other = tmp_path / "Task07_Pancreas"
+    (other / "imagesTr").mkdir(parents=True)
+    (other / "dataset.json").write_text(json.dumps({"name": "Pancreas", "modality": {"0": "CT"},
+                                                    "labels": {"0": "background", "1": "p", "2": "t"}}))
+    _fails(capsys, ["demo", "--data", str(other), "--workdir", str(workdir)], "'Pancreas', not 'Hippocampus'")
+    _fails(capsys, ["demo", "--task", "long_range", "--data", str(other), "--workdir", str(workdir)],
+           "--data is the hippocampus demo's input")
+    assert not workdir.exists()

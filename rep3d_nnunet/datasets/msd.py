@@ -44,6 +44,7 @@ class MsdTask:
     number: int
     name: str
     labels: Mapping[str, int]
+    modality: str = "CT"
 
     @property
     def folder_name(self) -> str:
@@ -52,6 +53,8 @@ class MsdTask:
 
 PANCREAS = MsdTask(7, "Pancreas", {"background": 0, "pancreas": 1, "tumor": 2})
 HEPATIC_VESSEL = MsdTask(8, "HepaticVessel", {"background": 0, "vessel": 1, "tumor": 2})
+# Real anatomy for the tests, the demo and nnU-Net's integration protocol (a 25-case subset ships in rep3d_nnunet/data)
+HIPPOCAMPUS = MsdTask(4, "Hippocampus", {"background": 0, "anterior": 1, "posterior": 2}, modality="MRI")
 
 
 def locate_msd(source: Path, task: MsdTask) -> SourceDataset:
@@ -59,7 +62,7 @@ def locate_msd(source: Path, task: MsdTask) -> SourceDataset:
 
     Args:
         source: the ``TaskNN_Name`` folder (any name, as long as it holds the task's dataset.json), or its parent.
-        task: :data:`PANCREAS` or :data:`HEPATIC_VESSEL`.
+        task: :data:`PANCREAS`, :data:`HEPATIC_VESSEL` or :data:`HIPPOCAMPUS`.
 
     Returns:
         The task folder and its labelled cases, sorted.
@@ -67,7 +70,7 @@ def locate_msd(source: Path, task: MsdTask) -> SourceDataset:
     Raises:
         FileNotFoundError: dataset.json, imagesTr or labelsTr is missing, images and labels do not pair up, or cases
             listed in dataset.json are not on disk.
-        ValueError: the folder holds another MSD task, or not one CT channel with labels 1 and 2.
+        ValueError: the folder holds another MSD task, or not the task's one channel with labels 1 and 2.
     """
     layout = (f"the MSD {task.folder_name} layout (dataset.json, imagesTr/, labelsTr/ with files "
               f"{task.name.lower()}_XXX.nii.gz)")
@@ -136,9 +139,10 @@ def _check_task(dataset_json: dict, path: Path, task: MsdTask, fix: str) -> None
         raise ValueError(f"{path} describes the MSD task {name!r}, not {task.name!r}. Fix: {fix}, or pick the "
                          f"converter for {name!r}")
     modality = dataset_json.get("modality", dataset_json.get("channel_names"))
-    if not isinstance(modality, dict) or len(modality) != 1 or str(next(iter(modality.values()))).upper() != "CT":
-        raise ValueError(f"{path} declares the channels {modality!r}; {task.folder_name} has one CT channel "
-                         f"({{\"0\": \"CT\"}}). Fix: {fix}")
+    expected = task.modality
+    if not isinstance(modality, dict) or len(modality) != 1 or str(next(iter(modality.values()))).upper() != expected:
+        raise ValueError(f"{path} declares the channels {modality!r}; {task.folder_name} has one {expected} channel "
+                         f"({{\"0\": \"{expected}\"}}). Fix: {fix}")
     labels = dataset_json.get("labels")
     values = sorted(int(k) for k in labels if str(k).isdigit()) if isinstance(labels, dict) else []
     if values != [0, 1, 2]:
