@@ -43,6 +43,8 @@ sys.path.insert(0, str(HERE.parent))
 import convergence  # noqa: E402
 from convergence import Contender, read_rows, set_nnunet_paths  # noqa: E402
 
+from rep3d_nnunet.datasets.hippocampus import converter_input  # noqa: E402
+
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "Task04_Hippocampus"
 PLANS_NAME = convergence.PLANS_NAME
 CONFIGURATION = "3d_fullres"
@@ -134,24 +136,6 @@ def check_msd_task04(folder: Path) -> dict:
     return dataset
 
 
-def msd_source(folder: Path, staging: Path) -> Path:
-    """The folder nnU-Net's MSD converter reads: ``folder`` itself, or a linked copy of it with an empty imagesTs/.
-
-    The converter asserts that imagesTs/ exists; a download without test images (or a copy that dropped the empty
-    folder) would fail there, so its files are linked into ``staging`` beside an empty imagesTs/.
-    """
-    if (folder / "imagesTs").is_dir():
-        return folder
-    staged = staging / folder.name
-    (staged / "imagesTs").mkdir(parents=True, exist_ok=True)
-    for name in ("dataset.json", "imagesTr", "labelsTr"):
-        link = staged / name
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to((folder / name).resolve())
-    return staged
-
-
 def prepare_dataset(args) -> str:
     """nnU-Net's converter and planner on --data, then the benchmark plans; returns the dataset's folder name."""
     data = Path(args.data).resolve()
@@ -160,7 +144,8 @@ def prepare_dataset(args) -> str:
     existing = sorted(preprocessed.glob(f"Dataset{args.dataset_id:03d}_*"))
     if not (existing and (existing[0] / "nnUNetPlans.json").is_file() and (existing[0] / "gt_segmentations").is_dir()
             and (existing[0] / "nnUNetPlans_3d_fullres").is_dir()):
-        source = msd_source(data, Path(args.output).resolve() / "nnunet" / "msd_source")
+        # the converter needs imagesTs/, which copies of the release often lack: it reads a linked copy instead
+        source = converter_input(data, Path(args.output).resolve() / "nnunet" / "msd_source")
         bin_dir = Path(sys.executable).parent
         env = {**os.environ, "nnUNet_n_proc_DA": "1"}  # the planner hands this to torch.set_num_threads
         processes = os.environ.get("nnUNet_def_n_proc", "2")

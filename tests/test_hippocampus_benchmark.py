@@ -59,15 +59,15 @@ def test_a_folder_without_labels_is_refused(tmp_path):
 
 
 def test_a_download_without_imagesTs_is_staged_for_the_converter(tmp_path):
+    from rep3d_nnunet.datasets.hippocampus import converter_input
+
     module = _load_script()
     folder = _task04(tmp_path / "download")
     module.check_msd_task04(folder)
-    staged = module.msd_source(folder, tmp_path / "staging")
-    assert staged.name == folder.name and (staged / "imagesTs").is_dir()
+    staged = converter_input(folder, tmp_path / "staging")  # what the benchmark hands nnU-Net's converter
+    assert staged.name == "Task04_Hippocampus" and (staged / "imagesTs").is_dir()
     assert (staged / "imagesTr" / "hippocampus_001.nii.gz").is_file()
     assert not (folder / "imagesTs").exists()  # the user's folder is left as it was
-    (folder / "imagesTs").mkdir()
-    assert module.msd_source(folder, tmp_path / "staging") == folder
 
 
 def _load_script():
