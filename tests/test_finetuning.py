@@ -30,7 +30,8 @@ from tests.test_compile import PLANS, _configuration, _input, assert_one_graph, 
 def _plain_network(plan: str = "3d_anisotropic", seed: int = 0) -> tuple[torch.nn.Module, object]:
     configuration = _configuration(*PLANS[plan])
     torch.manual_seed(seed)
-    network = nnunet_compat.build_network(nnUNetTrainer, PlansManager({"configurations": {}}), configuration, 1, 3, True)
+    network = nnunet_compat.build_network(nnUNetTrainer, PlansManager({"configurations": {}}), configuration, 1, 3,
+                                          True)
     return network, configuration
 
 

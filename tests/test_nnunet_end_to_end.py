@@ -44,6 +44,16 @@ def nnunet_tree(tmp_path_factory):
     return root, env, dataset
 
 
+def _continue_training() -> dict:
+    """get_trainer_from_args's resume flag: nnU-Net 2.7 added it (2.6 resumes through load_checkpoint alone)."""
+    import inspect
+
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    return {"continue_training": True} if "continue_training" in inspect.signature(get_trainer_from_args).parameters \
+        else {}
+
+
 def _model_folder(env: dict, dataset: Path, plans: str, configuration: str, trainer: str = TINY_TRAINER) -> Path:
     return Path(env["nnUNet_results"]) / dataset.name / f"{trainer}__{plans}__{configuration}"
 
@@ -171,7 +181,7 @@ def test_resume_restores_the_lrbm_state_exactly(nnunet_tree, monkeypatch):
     trainer.save_checkpoint(str(checkpoint))
 
     resumed = get_trainer_from_args(str(DATASET_ID), "3d_fullres", 4, "nnUNetTrainerRep3D", PLANS,
-                                    continue_training=True, device=torch.device("cpu"))
+                                    **_continue_training(), device=torch.device("cpu"))
     resumed.load_checkpoint(str(checkpoint))
     original_state, resumed_state = trainer.network.state_dict(), resumed.network.state_dict()
     lrbm_keys = [k for k in original_state if "generator" in k or "beta" in k]
@@ -286,7 +296,7 @@ def test_dka_resumes_from_its_own_checkpoint(nnunet_tree, monkeypatch):
     tuned = _model_folder(env, dataset, PLANS, "3d_fullres", TINY_DKA_TRAINER) / "fold_0" / "checkpoint_final.pth"
     if not tuned.is_file():
         pytest.skip("needs the fine-tuning of test_dka_finetunes_a_pretrained_rep3d_network_exports_and_predicts")
-    trainer = get_trainer_from_args(str(DATASET_ID), "3d_fullres", 0, TINY_DKA_TRAINER, PLANS, continue_training=True,
+    trainer = get_trainer_from_args(str(DATASET_ID), "3d_fullres", 0, TINY_DKA_TRAINER, PLANS, **_continue_training(),
                                     device=torch.device("cpu"))
     trainer.load_checkpoint(str(tuned))
     saved = torch.load(tuned, weights_only=False)
