@@ -51,8 +51,9 @@ def plans_for_patch(patch: int, max_features: int = 320) -> dict:
     """An nnU-Net plans dict whose 3d_fullres is nnU-Net's default topology for an isotropic ``patch``."""
     plan = default_plan(patch, max_features)
     arch = {key: _dotted(value) for key, value in plan["arch"].items()}
+    patch_size = [int(p) for p in plan["patch_size"]]
     configuration = {
-        "patch_size": plan["patch_size"], "spacing": [1.0] * 3, "median_image_size_in_voxels": plan["patch_size"],
+        "patch_size": patch_size, "spacing": [1.0] * 3, "median_image_size_in_voxels": patch_size,
         "architecture": {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
                          "arch_kwargs": arch, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
     }
