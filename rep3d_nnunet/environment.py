@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .nnunet_compat import has_external_trainer_folders, nnunet_version
+from .nnunet_compat import external_trainer_folders, has_external_trainer_folders, nnunet_version
 
 NNUNET_PATH_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 # In nnunetv2/training/nnUNetTrainer/variants/: searched after nnU-Net's base trainer and before its variant packages.
@@ -51,24 +51,19 @@ def trainer_folder() -> Path:
 
 
 def trainer_folder_registered(environ: dict | None = None) -> bool:
-    environ = os.environ if environ is None else environ
-    listed = [p for p in environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p.strip()]
-    return any(Path(p).resolve() == trainer_folder() for p in listed)
+    return any(Path(p).resolve() == trainer_folder() for p in external_trainer_folders(environ))
 
 
 def export_lines(environ: dict | None = None) -> list[str]:
     """Shell lines that register our trainers with nnU-Net, keeping any folders already listed."""
-    environ = os.environ if environ is None else environ
     folder = str(trainer_folder())
-    existing = [p for p in environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p.strip() and p != folder]
+    existing = [p for p in external_trainer_folders(environ) if p != folder]
     return [f"export nnUNet_extTrainer={os.pathsep.join([folder, *existing])}"]
 
 
 def undo_lines(environ: dict | None = None) -> list[str]:
     """Shell lines that take our trainer folder out of ``nnUNet_extTrainer`` again (others stay listed)."""
-    environ = os.environ if environ is None else environ
-    others = [p for p in environ.get("nnUNet_extTrainer", "").split(os.pathsep)
-              if p.strip() and Path(p).resolve() != trainer_folder()]
+    others = [p for p in external_trainer_folders(environ) if Path(p).resolve() != trainer_folder()]
     return [f"export nnUNet_extTrainer={os.pathsep.join(others)}" if others else "unset nnUNet_extTrainer"]
 
 
