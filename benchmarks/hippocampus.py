@@ -239,6 +239,29 @@ def _mean(rows: list[dict], key: str) -> float:
     return float(np.mean([float(r[key]) for r in rows]))
 
 
+PAIRED_REFERENCE = "nnU-Net AdamW 1e-3"  # the same optimizer family as the Rep3D trainers: isolates the network
+
+
+def paired_table(rows: list[dict], folds: list[int], trainers: list[str]) -> list[str]:
+    """Markdown lines: each contender's mean Dice minus the reference's on the same fold, at the last checkpoint (a
+    paired comparison: folds differ more from each other than contenders on one fold). Empty with fewer than two
+    folds or without the reference."""
+    last = max(int(r["iteration"]) for r in rows)
+    final = {(r["trainer"], int(r["fold"])): float(r["mean_dice"]) for r in rows if int(r["iteration"]) == last}
+    if len(folds) < 2 or not all((PAIRED_REFERENCE, f) in final for f in folds):
+        return []
+    lines = [f"**mean Dice minus {PAIRED_REFERENCE} on the same fold, after {last} iterations**\n",
+             "| trainer | " + " | ".join(f"fold {f}" for f in folds) + " | mean | ahead on |",
+             "| --- | " + " | ".join("---" for _ in folds) + " | --- | --- |"]
+    for trainer in trainers:
+        if trainer == PAIRED_REFERENCE or not all((trainer, f) in final for f in folds):
+            continue
+        differences = [final[trainer, f] - final[PAIRED_REFERENCE, f] for f in folds]
+        lines.append(f"| {trainer} | " + " | ".join(f"{d:+.3f}" for d in differences)
+                     + f" | {np.mean(differences):+.3f} | {sum(d > 0 for d in differences)} of {len(folds)} folds |")
+    return lines + [""]
+
+
 def summary_table(rows: list[dict]) -> str:
     """Markdown: one table per checkpoint (Dice per class and mean, mean ± std over folds), then speed."""
     trainers = list(dict.fromkeys(r["trainer"] for r in rows))
@@ -261,6 +284,7 @@ def summary_table(rows: list[dict]) -> str:
                      ([float(r[k]) for r in selected] for k in ("dice_anterior", "dice_posterior", "mean_dice"))]
             lines.append(f"| {trainer} | {len(selected)} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += paired_table(rows, folds, trainers)
     lines += ["**speed** (training: seconds per iteration, mean over folds; validation: seconds per case, mean over "
               "probes and folds)\n", "| trainer | s / iteration | s / case |", "| --- | --- | --- |"]
     for trainer in trainers:

@@ -93,3 +93,19 @@ def test_tables_only_average_folds_that_every_contender_finished():
     table = module.summary_table(kept)
     assert "| A | 1 | 0.200 | 0.400 | 0.300 |" in table
     assert "| B | 1.00 | 0.50 |" in table
+
+
+def test_contenders_are_compared_with_the_reference_fold_by_fold():
+    module = _load_script()
+    reference = module.PAIRED_REFERENCE
+    common = {"epoch": "2", "iteration": "50", "train_loss": "0", "seconds_per_iteration": "1.0",
+              "seconds_per_case": "0.5", "validation_cases": "40", "batch_size": "2", "features": "8-16-32-64",
+              "mirroring": "False", "device": "cpu", "trainer_class": "x", "dice_anterior": "0",
+              "dice_posterior": "0"}
+    means = {(reference, "0"): 0.10, (reference, "1"): 0.30, ("A", "0"): 0.15, ("A", "1"): 0.25}
+    rows = [{**common, "fold": fold, "trainer": trainer, "mean_dice": str(mean)}
+            for (trainer, fold), mean in means.items()]
+    table = module.summary_table(rows)
+    assert f"**mean Dice minus {reference} on the same fold, after 50 iterations**" in table
+    assert "| A | +0.050 | -0.050 | +0.000 | 1 of 2 folds |" in table
+    assert "minus" not in module.summary_table([r for r in rows if r["fold"] == "0"])  # one fold: nothing to pair
