@@ -67,6 +67,10 @@ def test_a_download_without_imagesTs_is_staged_for_the_converter(tmp_path):
     staged = converter_input(folder, tmp_path / "staging")  # what the benchmark hands nnU-Net's converter
     assert staged.name == "Task04_Hippocampus" and (staged / "imagesTs").is_dir()
     assert (staged / "imagesTr" / "hippocampus_001.nii.gz").is_file()
+    staged_json = json.loads((staged / "dataset.json").read_text())  # nnU-Net 2.8's planner reads numTraining
+    assert staged_json["numTraining"] == len(staged_json["training"]) == len(list((folder / "labelsTr").iterdir()))
+    every_second = json.loads((converter_input(folder, tmp_path / "half", every=2) / "dataset.json").read_text())
+    assert every_second["numTraining"] == len(every_second["training"]) == (staged_json["numTraining"] + 1) // 2
     assert not (folder / "imagesTs").exists()  # the user's folder is left as it was
 
 

@@ -69,6 +69,7 @@ def converter_input(source: Path, work: Path, every: int = 1) -> Path:
         names = {case.label.name for case in selected}
         dataset_json["training"] = [entry for entry in dataset_json["training"]
                                     if Path(entry["label"]).name in names]
+        dataset_json["numTraining"] = len(dataset_json["training"])
     (mirror / "imagesTs").mkdir()
     (mirror / "dataset.json").write_text(json.dumps(dataset_json, indent=4))
     return mirror

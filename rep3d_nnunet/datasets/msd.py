@@ -152,10 +152,12 @@ def _check_task(dataset_json: dict, path: Path, task: MsdTask, fix: str) -> None
 
 
 def _minimal_msd_json(path: Path) -> dict:
-    """The keys nnU-Net's converter reads (and deletes) from an MSD dataset.json, so absent extras cannot break it."""
+    """The keys nnU-Net's converter reads (and deletes) from an MSD dataset.json, so absent extras cannot break it,
+    and ``numTraining``, which the converter passes on and nnU-Net's planner reads."""
     original = json.loads(path.read_text())
+    training = original.get("training", [])
     return {"name": original.get("name"), "modality": original.get("modality", original.get("channel_names")),
-            "labels": original["labels"], "training": original.get("training", []), "test": []}
+            "labels": original["labels"], "numTraining": len(training), "training": training, "test": []}
 
 
 @contextlib.contextmanager
