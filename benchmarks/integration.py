@@ -38,9 +38,11 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPOSITORY.parent / "shared" / "data" / "Task04_Hippocampus"
 SOURCE_ID, DATASET_ID = 4, 999  # nnU-Net's integration dataset is a copy of Dataset004_Hippocampus
 DATASET_NAME = "Dataset999_IntegrationTest_Hippocampus"
-# run_integration_test.sh trains 3d_fullres, 2d, 3d_lowres, cascade; the order does not matter (the cascade needs the
-# lowres folds only), and the cascade, the configuration least tested elsewhere, comes earlier here
+# run_integration_test.sh trains 3d_fullres, 2d, 3d_lowres, cascade. The cascade trains on the lowres validation's
+# next-stage segmentations of every case, so it needs all five lowres folds; the other 15 folds are independent and
+# share one queue (--jobs at a time), the cascade's five follow
 CONFIGURATIONS = ("3d_fullres", "3d_lowres", "3d_cascade_fullres", "2d")
+TRAINING_PHASES = (("3d_fullres", "3d_lowres", "2d"), ("3d_cascade_fullres",))
 FOLDS = (0, 1, 2, 3, 4)
 PREDICTION_FOLDS = (0, 3)  # as in nnU-Net's bestconfig script
 
@@ -58,26 +60,34 @@ def _run(command: list[str], env: dict) -> None:
 
 
 def _run_parallel(commands: list[list[str]], env: dict, jobs: int) -> None:
-    """Runs independent commands ``jobs`` at a time, one OpenMP thread each (see tests/nnunet_helpers.run_in_pairs
-    for why the passive wait policy matters on two cores); prints a command's output when it fails."""
+    """Runs independent commands, ``jobs`` at a time and each started as soon as a slot is free (a fold that finishes
+    early does not wait for its partner), one OpenMP thread each (see tests/nnunet_helpers.run_in_pairs for why the
+    passive wait policy matters on two cores); prints a command's output when it fails and stops the others."""
     if jobs == 1:
         for command in commands:
             _run(command, env)
         return
     parallel_env = {**env, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    for start in range(0, len(commands), jobs):
-        batch = commands[start:start + jobs]
-        started = time.time()
-        for command in batch:
+    waiting, running = list(commands), []
+    while waiting or running:
+        while waiting and len(running) < jobs:
+            command = waiting.pop(0)
             print("\n$ " + " ".join(command) + " &", flush=True)
-        processes = [subprocess.Popen(c, env=parallel_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                     for c in batch]
-        outputs = [p.communicate()[0] for p in processes]
-        for command, process, output in zip(batch, processes, outputs):
+            output = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads would fill and stall the command
+            running.append((command, subprocess.Popen(command, env=parallel_env, stdout=output,
+                                                      stderr=subprocess.STDOUT, text=True), output, time.time()))
+        time.sleep(1)
+        for entry in [e for e in running if e[1].poll() is not None]:
+            running.remove(entry)
+            command, process, output, started = entry
             if process.returncode != 0:
-                print(output[-8000:], flush=True)
+                output.seek(0)
+                print(output.read()[-8000:], flush=True)
+                for _, other, _, _ in running:
+                    other.terminate()
                 raise subprocess.CalledProcessError(process.returncode, command)
-        print(f"  ({time.time() - started:.0f} s for {len(batch)} in parallel)", flush=True)
+            output.close()
+            print(f"  ({time.time() - started:.0f} s: {' '.join(command[1:5])})", flush=True)
 
 
 def default_data() -> Path:
@@ -231,9 +241,9 @@ def run_protocol(args: argparse.Namespace) -> None:
 
     print(f"\n# 3. {len(CONFIGURATIONS)} configurations x {len(FOLDS)} folds with {args.trainer} (--npz)")
     train_env = {**env, "nnUNet_n_proc_DA": env.get("nnUNet_n_proc_DA", "0")} if device == "cpu" else env
-    for configuration in CONFIGURATIONS:
+    for phase in TRAINING_PHASES:
         commands = []
-        for fold in FOLDS:
+        for configuration, fold in [(c, f) for c in phase for f in FOLDS]:
             fold_folder = workdir / "nnUNet_results" / DATASET_NAME / f"{args.trainer}__nnUNetPlans__{configuration}" \
                 / f"fold_{fold}"
             if (fold_folder / "validation" / "summary.json").is_file():
@@ -246,33 +256,59 @@ def run_protocol(args: argparse.Namespace) -> None:
         _run_parallel(commands, train_env, args.jobs)
 
     print("\n# 4. find_best_configuration (ensembling allowed), prediction of imagesTs with the best, postprocessing")
-    print(f"$ {python} -c 'best_configuration_inference({args.trainer!r}, {device!r})'  "
-          f"(nnU-Net's run_integration_test_bestconfig_inference.py for this trainer)", flush=True)
-    step_started = time.time()
-    result = best_configuration_inference(args.trainer, device)
-    print(f"  ({time.time() - step_started:.0f} s)")
-
-    print("\n# 5. nnU-Net's evaluation of the postprocessed test predictions")
     results = workdir / "nnUNet_results" / DATASET_NAME
     raw = workdir / "nnUNet_raw" / DATASET_NAME
     summary = results / "ensemble_predictions_postprocessed" / "summary.json"
+    if resuming and step_4_done(results, test):
+        result = json.loads((results / "inference_information.json").read_text())
+        print(f"  resumed: {results} holds find_best_configuration's choice and the postprocessed predictions of "
+              f"every test case")
+    else:
+        print(f"$ {python} -c 'best_configuration_inference({args.trainer!r}, {device!r})'  "
+              f"(nnU-Net's run_integration_test_bestconfig_inference.py for this trainer)", flush=True)
+        step_started = time.time()
+        result = best_configuration_inference(args.trainer, device)
+        print(f"  ({time.time() - step_started:.0f} s)")
+
+    print("\n# 5. nnU-Net's evaluation of the postprocessed test predictions")
     _run([_bin("nnUNetv2_evaluate_folder"), str(raw / "labelsTs"), str(summary.parent), "-djfile",
           str(raw / "dataset.json"), "-pfile", result["best_model_or_ensemble"]["some_plans_file"], "-o", str(summary),
           "-np", n], env)
 
+    print(f"\nResult ({args.trainer}, {used - len(test)} training cases x 5 folds, {len(test)} test cases, {device}):")
+    print(result_lines(result, json.loads(summary.read_text())))
+    print(f"Wall time: {time.time() - started:.0f} s. Everything is in {workdir}.")
+
+
+def step_4_done(results: Path, test_cases: list[str]) -> bool:
+    """Whether a stopped run got through step 4: find_best_configuration's choice is saved and every test case has
+    its postprocessed segmentation (the folder is written last)."""
+    postprocessed = results / "ensemble_predictions_postprocessed"
+    return (results / "inference_information.json").is_file() and all(
+        (postprocessed / f"{case}.nii.gz").is_file() for case in test_cases)
+
+
+def model_label(identifier: str) -> str:
+    """find_best_configuration's model identifiers, by configuration: ``T__P__3d_lowres`` -> ``3d_lowres``,
+    ``ensemble___T__P__3d_lowres___T__P__2d___0_1_2_3_4`` -> ``3d_lowres + 2d``."""
+    if identifier.startswith("ensemble___"):
+        return " + ".join(member.split("__")[-1] for member in identifier.split("___")[1:-1])
+    return identifier.split("__")[-1]
+
+
+def result_lines(result: dict, test_summary: dict) -> str:
+    """What the protocol printed last: cross-validation Dice of every model and ensemble (find_best_configuration's
+    foreground mean over the 5 folds' validation cases), the selection, and the test Dice after postprocessing."""
     best = result["best_model_or_ensemble"]
     selected = " + ".join(m["configuration"] for m in best["selected_model_or_models"])
-    test_dice = json.loads(summary.read_text())
-    print(f"\nResult ({args.trainer}, {used - len(test)} training cases x 5 folds, {len(test)} test "
-          f"cases, {device}):")
-    print("  cross-validation Dice per model: " + ", ".join(
-        f"{name}: {values['result']:.3f}" for name, values in result["all_results"].items()))
-    print(f"  best: {selected}: cross-validation Dice {best['result_on_crossval_pre_pp']:.3f} before, "
-          f"{best['result_on_crossval_post_pp']:.3f} after postprocessing")
-    print("  test Dice (postprocessed): " + ", ".join(
-        f"class {label} {values['Dice']:.3f}" for label, values in test_dice["mean"].items())
-          + f", mean {test_dice['foreground_mean']['Dice']:.3f}")
-    print(f"Wall time: {time.time() - started:.0f} s. Everything is in {workdir}.")
+    ranked = sorted(result["all_results"].items(), key=lambda item: -item[1])
+    return "\n".join([
+        "  cross-validation Dice (foreground mean): " + ", ".join(f"{model_label(k)} {v:.3f}" for k, v in ranked),
+        f"  selected: {selected}; cross-validation Dice {best['result_on_crossval_pre_pp']:.3f} before, "
+        f"{best['result_on_crossval_post_pp']:.3f} after postprocessing",
+        "  test Dice (postprocessed): " + ", ".join(
+            f"class {label} {values['Dice']:.3f}" for label, values in test_summary["mean"].items())
+        + f", mean {test_summary['foreground_mean']['Dice']:.3f}"])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -291,7 +327,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--resume", action="store_true",
                         help="continue a stopped run in --workdir: folds validated earlier are kept, folds with a "
-                             "final checkpoint are validated again (nnUNetv2_train --val), the rest trained")
+                             "final checkpoint are validated again (nnUNetv2_train --val), the rest trained; step 4 "
+                             "is kept when its postprocessed test predictions are complete")
     return parser.parse_args(argv)
 
 
