@@ -324,9 +324,22 @@ def plot(rows: list[dict], path: Path) -> None:
         plt.close(figure)
 
 
-def slices_figure(rows: list[dict], results: Path, raw: Path, path: Path, fold: int = 0, cases: int = 4) -> bool:
-    """A few validation cases of ``fold`` at the last checkpoint: image, ground truth, nnU-Net's and Rep3D's
-    predictions, each at the axial slice where the ground truth is largest. False if a prediction is missing."""
+def _last_validations(rows: list[dict], results: Path, fold: int, shown: tuple) -> tuple[dict, dict] | None:
+    """The last checkpoint's row and validation folder of each contender in ``shown`` on ``fold``; None if a row or
+    its predictions (nnU-Net's summary.json) are missing, e.g. a tree rebuilt after earlier folds were run."""
+    last = {label: max((r for r in rows if r["trainer"] == label and int(r["fold"]) == fold),
+                       key=lambda r: int(r["epoch"]), default=None) for label in shown}
+    if any(r is None for r in last.values()):
+        return None
+    folders = {label: results / f"{r['trainer_class']}__{PLANS_NAME}__{CONFIGURATION}" / f"fold_{fold}" /
+               f"validation_epoch{r['epoch']}" for label, r in last.items()}
+    return (last, folders) if all((f / "summary.json").is_file() for f in folders.values()) else None
+
+
+def slices_figure(rows: list[dict], results: Path, raw: Path, path: Path, cases: int = 4) -> bool:
+    """A few validation cases of the first fold whose predictions are all present, at the last checkpoint: image,
+    ground truth, nnU-Net's and Rep3D's predictions, each at the axial slice where the ground truth is largest.
+    False if no fold has them all."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -335,12 +348,11 @@ def slices_figure(rows: list[dict], results: Path, raw: Path, path: Path, fold: 
     from matplotlib.colors import ListedColormap
 
     shown = (CONTENDERS[0].label, FIGURE_REP3D)
-    last = {label: max((r for r in rows if r["trainer"] == label and int(r["fold"]) == fold),
-                       key=lambda r: int(r["epoch"]), default=None) for label in shown}
-    if any(r is None for r in last.values()):
+    found = [(fold, chosen) for fold in sorted({int(r["fold"]) for r in rows})
+             if (chosen := _last_validations(rows, results, fold, shown)) is not None]
+    if not found:
         return False
-    folders = {label: results / f"{r['trainer_class']}__{PLANS_NAME}__{CONFIGURATION}" / f"fold_{fold}" /
-               f"validation_epoch{r['epoch']}" for label, r in last.items()}
+    fold, (last, folders) = found[0]
     summaries = {label: json.loads((f / "summary.json").read_text()) for label, f in folders.items()}
     per_case = {label: {Path(c["prediction_file"]).name.split(".")[0]: c["metrics"] for c in s["metric_per_case"]}
                 for label, s in summaries.items()}

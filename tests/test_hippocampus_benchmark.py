@@ -113,3 +113,13 @@ def test_contenders_are_compared_with_the_reference_fold_by_fold():
     assert f"**mean Dice minus {reference} on the same fold, after 50 iterations**" in table
     assert "| A | +0.050 | -0.050 | +0.000 | 1 of 2 folds |" in table
     assert "minus" not in module.summary_table([r for r in rows if r["fold"] == "0"])  # one fold: nothing to pair
+
+
+def test_the_slices_figure_skips_folds_whose_predictions_are_gone(tmp_path):
+    """A resumed benchmark whose nnU-Net tree was rebuilt has CSV rows for folds without predictions on disk: the
+    figure is drawn from a fold that has them, or not at all, and never stops the report."""
+    module = _load_script()
+    rows = [{"fold": "0", "trainer": contender.label, "trainer_class": "nnUNetTrainerBench", "epoch": "2"}
+            for contender in module.CONTENDERS]
+    assert module.slices_figure(rows, tmp_path / "results", tmp_path / "raw", tmp_path / "slices.png") is False
+    assert not (tmp_path / "slices.png").exists()
