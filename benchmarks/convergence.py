@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -51,6 +52,9 @@ class Contender:
     label: str
     base: str  # "nnUNetTrainer" or a Rep3D variant name from rep3d_nnunet.variants
     kernel_size: int | None = None  # overrides the Rep3D variant's large kernel
+    # further changes to a Rep3D variant's settings and optimizer (pairs of Rep3DSettings / OptimizerSettings fields)
+    rep3d: tuple[tuple[str, object], ...] = ()
+    optim: tuple[tuple[str, object], ...] = ()
 
 
 CONTENDERS = (
@@ -166,11 +170,13 @@ def base_trainer_class(name: str):
     return found
 
 
-def trainer_class(contender: Contender, epochs: int, iterations: int, probes: list[int], probe=None):
+def trainer_class(contender: Contender, epochs: int, iterations: int, probes: list[int], probe=None,
+                  name: str | None = None):
     """The contender's trainer class with the run length set and a Dice probe after the chosen epochs.
 
     ``probe(trainer, epoch)`` returns the record's Dice fields (default: ``validation_dice``); the time it takes is
-    summed in the trainer's ``probe_seconds``, so that training time can be told apart from probing time.
+    summed in the trainer's ``probe_seconds``, so that training time can be told apart from probing time. ``name``:
+    the class name (nnU-Net names the output folder after it); default from the base trainer and kernel.
     """
     base = base_trainer_class(contender.base)
     probe = probe or (lambda trainer, _: validation_dice(trainer))
@@ -200,9 +206,12 @@ def trainer_class(contender: Contender, epochs: int, iterations: int, probes: li
                       f"mean Dice {record['mean_dice']:.3f} ({per_class})", flush=True)
 
     attributes = {}
-    if contender.kernel_size is not None:
-        attributes["rep3d"] = base.rep3d.replace(kernel_size=contender.kernel_size)
-    name = f"{contender.base}Bench" + (f"K{contender.kernel_size}" if contender.kernel_size else "")
+    rep3d_changes = {**({"kernel_size": contender.kernel_size} if contender.kernel_size else {}), **dict(contender.rep3d)}
+    if rep3d_changes:
+        attributes["rep3d"] = base.rep3d.replace(**rep3d_changes)
+    if contender.optim:
+        attributes["optim"] = dataclasses.replace(base.optim, **dict(contender.optim))
+    name = name or f"{contender.base}Bench" + (f"K{contender.kernel_size}" if contender.kernel_size else "")
     return type(name, (Probed,), attributes)
 
 

@@ -60,6 +60,7 @@ class Rep3DEncoder(nn.Module):
         block: str = "rep3d",
         stage_spacings: Sequence[Sequence[float]] | None = None,
         return_skips: bool = True,
+        block_layer_scale: float | None = None,
         **conv_kwargs,
     ):
         super().__init__()
@@ -82,7 +83,7 @@ class Rep3DEncoder(nn.Module):
             )
             large_blocks = [
                 self._make_block(block, features_per_stage[s], large_kernel_sizes[s], dim, norm_op, norm_op_kwargs,
-                                 conv_bias, spacings[s], conv_kwargs)
+                                 conv_bias, spacings[s], block_layer_scale, conv_kwargs)
                 for _ in range(n_blocks_per_stage[s])
             ]
             stages.append(nn.Sequential(downsample, *large_blocks))
@@ -104,11 +105,12 @@ class Rep3DEncoder(nn.Module):
         self.conv_bias = conv_bias
 
     @staticmethod
-    def _make_block(block, channels, kernel_size, dim, norm_op, norm_op_kwargs, conv_bias, spacing, conv_kwargs):
+    def _make_block(block, channels, kernel_size, dim, norm_op, norm_op_kwargs, conv_bias, spacing, layer_scale,
+                    conv_kwargs):
         common = dict(norm_op=norm_op, norm_op_kwargs=norm_op_kwargs, bias=conv_bias, spacing=spacing, **conv_kwargs)
         if block == "uxnet":
             return UXNetBlock(channels, kernel_size, dim, **common)
-        return Rep3DBlock(channels, kernel_size, dim, **common)
+        return Rep3DBlock(channels, kernel_size, dim, layer_scale_init=layer_scale, **common)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
         skips = []
@@ -147,6 +149,9 @@ class Rep3DUNet(nn.Module):
         modulation, generator_depth, generator_kernel, small_kernel, csla_scales: see ``blocks.ModulatedDepthwiseConv``.
         stage_spacings: voxel spacing of each stage for a spacing-aware prior, or None.
         conv_backend: ``auto``, ``direct`` or ``fft``.
+        block_layer_scale: None: the authors' plain Rep3D blocks; a number: residual blocks whose per-channel scale
+            starts there (see ``blocks.Rep3DBlock``).
+        kernel_init: ``default`` or ``modulated`` (see ``blocks.ModulatedDepthwiseConv``).
         deep_supervision: one output per decoder resolution (highest first), as nnU-Net expects.
         deploy: build the folded form directly (plain kernels, no generator).
 
@@ -183,15 +188,18 @@ class Rep3DUNet(nn.Module):
         csla_scales: Sequence[float] = (1.0, 1.0),
         stage_spacings: Sequence[Sequence[float]] | None = None,
         conv_backend: str = "auto",
+        block_layer_scale: float | None = None,
+        kernel_init: str = "default",
         deploy: bool = False,
     ):
         super().__init__()
         self.encoder = Rep3DEncoder(
             input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides, large_kernel_sizes,
             n_blocks_per_stage, n_conv_per_stage, conv_bias, norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs,
-            nonlin, nonlin_kwargs, block=block, stage_spacings=stage_spacings, modulation=modulation,
-            generator_depth=generator_depth, generator_kernel=generator_kernel, small_kernel=small_kernel,
-            csla_scales=tuple(csla_scales), backend=conv_backend, deploy=deploy,
+            nonlin, nonlin_kwargs, block=block, stage_spacings=stage_spacings, block_layer_scale=block_layer_scale,
+            modulation=modulation, generator_depth=generator_depth, generator_kernel=generator_kernel,
+            small_kernel=small_kernel, csla_scales=tuple(csla_scales), backend=conv_backend, kernel_init=kernel_init,
+            deploy=deploy,
         )
         self.decoder = UNetDecoder(self.encoder, num_classes, n_conv_per_stage_decoder, deep_supervision)
 

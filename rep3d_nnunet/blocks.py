@@ -20,6 +20,7 @@ from .modulation import KernelModulation, check_generator, check_kernel_size, ch
 from .ops import apply_prepared_kernel, choose_backend, depthwise_conv, fft_workspace_voxels, prepare_kernel
 
 _POINTWISE_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+KERNEL_INITS = ("default", "modulated")
 
 
 # Masks kept per modulated conv in eval mode, one per distinct set of weights: nnU-Net's predictor loads every fold's
@@ -61,6 +62,10 @@ class ModulatedDepthwiseConv(nn.Module):
         spacing: voxel spacing of this stage, makes the prior isotropic in physical units.
         bias: whether the convolution has a bias.
         backend: ``auto``, ``direct`` or ``fft`` (see ``ops.depthwise_conv``).
+        kernel_init: ``default`` (nn.ConvNd's, variance 1 / (3 prod(k))) or ``modulated`` (variance
+            1 / (3 sum(M^2)) with M the mask at initialisation: W * M then starts with the output variance the
+            default gives an unmodulated kernel, and Adam's steps, about lr per tap whatever the scale, change the
+            kernel by the same fraction as they change a small kernel; equal to ``default`` where M = 1).
         deploy: build the folded form (plain kernel W_eff, no generator or small branch).
 
     Shapes:
@@ -80,9 +85,12 @@ class ModulatedDepthwiseConv(nn.Module):
         spacing: Sequence[float] | None = None,
         bias: bool = True,
         backend: str = "auto",
+        kernel_init: str = "default",
         deploy: bool = False,
     ):
         super().__init__()
+        if kernel_init not in KERNEL_INITS:
+            raise ValueError(f"Unknown kernel_init {kernel_init!r}; allowed values are {', '.join(KERNEL_INITS)}.")
         if dim not in (2, 3):
             raise ValueError(f"Only 2D and 3D convolutions are supported, got dim={dim!r}.")
         self.modulation_mode = check_modulation_mode(modulation)
@@ -107,6 +115,10 @@ class ModulatedDepthwiseConv(nn.Module):
             self.small_weight = nn.Parameter(torch.empty(channels, 1, *self.small_kernel_size))
             nn.init.kaiming_uniform_(self.small_weight, a=5 ** 0.5)
             self.small_bias = nn.Parameter(torch.zeros(channels)) if bias else None
+        if kernel_init == "modulated" and self.modulation is not None:
+            with torch.no_grad():
+                mask = self.modulation()
+                self.weight.mul_(torch.sqrt(mask.new_tensor(float(np.prod(self.kernel_size))) / mask.square().sum()))
         self.is_folded = False
         self._clear_eval_caches()
         if deploy:
@@ -307,6 +319,9 @@ class Rep3DBlock(_DepthwiseThenNorm):
         dim: 2 or 3.
         norm_op, norm_op_kwargs: normalisation class and its kwargs (nnU-Net style); None for none.
         nonlin, nonlin_kwargs: nonlinearity class and kwargs.
+        layer_scale_init: None: the authors' plain block, y = act(norm(conv(x))); a number: a residual block,
+            y = x + s * act(norm(conv(x))) with a per-channel scale s starting at this value (0: the block starts as
+            the identity, so the stage starts as the plan's own convolutions).
         **conv_kwargs: forwarded to ``ModulatedDepthwiseConv`` (modulation, generator_*, spacing, backend, deploy...).
 
     Shapes:
@@ -322,17 +337,24 @@ class Rep3DBlock(_DepthwiseThenNorm):
         norm_op_kwargs: dict | None = None,
         nonlin: type[nn.Module] | None = nn.GELU,
         nonlin_kwargs: dict | None = None,
+        layer_scale_init: float | None = None,
         **conv_kwargs,
     ):
         super().__init__()
         self.conv = ModulatedDepthwiseConv(channels, kernel_size, dim, **conv_kwargs)
         self.norm = norm_op(channels, **(norm_op_kwargs or {})) if norm_op is not None else nn.Identity()
         self.nonlin = nonlin(**(nonlin_kwargs or {})) if nonlin is not None else nn.Identity()
+        self.layer_scale = (
+            nn.Parameter(torch.full((channels,), float(layer_scale_init))) if layer_scale_init is not None else None
+        )
         if conv_kwargs.get("deploy") and self._can_fuse_norm():
             self.norm = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.nonlin(self.norm(self.conv(x)))
+        y = self.nonlin(self.norm(self.conv(x)))
+        if self.layer_scale is None:
+            return y
+        return x + y * self.layer_scale.view(1, -1, *([1] * (x.ndim - 2)))
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
         return self.conv.compute_conv_feature_map_size(input_size)

@@ -13,12 +13,14 @@ from typing import Sequence
 
 import numpy as np
 
+from .blocks import KERNEL_INITS
 from .modulation import check_generator, check_kernel_size, check_modulation_mode
 
 REP3D_NETWORK_CLASS = "rep3d_nnunet.architecture.Rep3DUNet"
 BLOCK_TYPES = ("rep3d", "uxnet")
 CONV_BACKENDS = ("auto", "direct", "fft")
 TOPOLOGIES = ("plan", "paper")
+STAGE_CONVS = ("one", "plan")
 # nnU-Net architectures whose arch_kwargs carry a U-Net topology we can reuse.
 _TOPOLOGY_SOURCES = ("PlainConvUNet", "ResidualEncoderUNet", "Rep3DUNet")
 _TOPOLOGY_KEYS = (
@@ -43,6 +45,10 @@ class Rep3DSettings:
         conv_backend: ``auto``, ``direct`` or ``fft`` for the large depthwise convolutions.
         topology: ``plan`` (stages, features and strides from the nnU-Net plan) or ``paper`` (the paper's encoder,
             Table 5 / appendix A.4, see ``paper_topology``; needs a 3D patch divisible by 32).
+        stage_convs: ``one`` (each encoder stage starts with one strided conv, then the large-kernel blocks) or
+            ``plan`` (the plan's own convolutions per stage, PlainConvUNet's ``n_conv_per_stage``, then the blocks).
+        block_layer_scale: None (the authors' plain blocks) or the initial scale of residual Rep3D blocks.
+        kernel_init: ``default`` or ``modulated`` (see ``blocks.ModulatedDepthwiseConv``).
     """
 
     block: str = "rep3d"
@@ -56,6 +62,9 @@ class Rep3DSettings:
     spacing_aware_prior: bool = False
     conv_backend: str = "auto"
     topology: str = "plan"
+    stage_convs: str = "one"
+    block_layer_scale: float | None = None
+    kernel_init: str = "default"
 
     def __post_init__(self):
         if self.block not in BLOCK_TYPES:
@@ -70,6 +79,10 @@ class Rep3DSettings:
             raise ValueError(f"Unknown conv backend {self.conv_backend!r}; allowed values are {', '.join(CONV_BACKENDS)}.")
         if self.topology not in TOPOLOGIES:
             raise ValueError(f"Unknown topology {self.topology!r}; allowed values are {', '.join(TOPOLOGIES)}.")
+        if self.stage_convs not in STAGE_CONVS:
+            raise ValueError(f"Unknown stage_convs {self.stage_convs!r}; allowed values are {', '.join(STAGE_CONVS)}.")
+        if self.kernel_init not in KERNEL_INITS:
+            raise ValueError(f"Unknown kernel_init {self.kernel_init!r}; allowed values are {', '.join(KERNEL_INITS)}.")
 
     def replace(self, **changes) -> "Rep3DSettings":
         return dataclasses.replace(self, **changes)
@@ -172,6 +185,8 @@ def rep3d_architecture(network_class_name: str, arch_kwargs: dict, patch_size: S
         kwargs.update(paper_topology(patch_size))
     else:
         kwargs["n_blocks_per_stage"] = settings.blocks_per_stage
+        if settings.stage_convs == "plan":
+            kwargs["n_conv_per_stage"] = arch_kwargs.get("n_conv_per_stage", 2)
     n_stages = kwargs["n_stages"]
     kwargs.setdefault("n_conv_per_stage_decoder", [2] * (n_stages - 1))
     strides = [list(s) for s in kwargs["strides"]]
@@ -183,6 +198,8 @@ def rep3d_architecture(network_class_name: str, arch_kwargs: dict, patch_size: S
     kwargs["small_kernel"] = settings.small_kernel
     kwargs["csla_scales"] = list(settings.csla_scales)
     kwargs["conv_backend"] = settings.conv_backend
+    kwargs["block_layer_scale"] = settings.block_layer_scale
+    kwargs["kernel_init"] = settings.kernel_init
     if settings.spacing_aware_prior:
         cumulative = np.cumprod(np.array(strides), axis=0)
         kwargs["stage_spacings"] = [[float(sp * c) for sp, c in zip(spacing, stage)] for stage in cumulative]

@@ -38,6 +38,8 @@ class OptimizerSettings:
         weight_decay, betas, eps, momentum: optimizer terms.
         small_branch_lr: learning rate of the CSLA small branch (paper Table 8: 3e-4 with 2e-4 for the large one);
             None uses ``lr``.
+        large_kernel_lr: learning rate of the large depthwise kernels (their weights only); None uses ``lr``.
+        amsgrad: AdamW's amsgrad variant (nnU-Net's own AdamW trainers use it).
     """
 
     name: str = "adamw"
@@ -47,6 +49,8 @@ class OptimizerSettings:
     eps: float = 1e-8
     momentum: float = 0.99
     small_branch_lr: float | None = None
+    large_kernel_lr: float | None = None
+    amsgrad: bool = False
 
     def __post_init__(self):
         if self.name not in OPTIMIZERS:
@@ -80,17 +84,22 @@ def rep3d_deploy_architecture(configuration_manager: ConfigurationManager, setti
 
 
 def parameter_groups(network: nn.Module, optim: OptimizerSettings) -> list[dict]:
-    """Splits parameters into decayed kernels, undecayed rest and (CSLA) the small branch with its own lr.
+    """Splits parameters into decayed kernels, undecayed rest, the CSLA small branch and (where the settings give
+    them their own rate) the large kernels.
 
     Every group carries ``initial_lr`` so a scheduler can decay each group relative to its own start.
     """
-    small = {id(p) for m in network.modules() if isinstance(m, ModulatedDepthwiseConv) for p in m.small_branch_parameters()}
-    decay, no_decay, small_branch = [], [], []
+    convs = [m for m in network.modules() if isinstance(m, ModulatedDepthwiseConv)]
+    small = {id(p) for m in convs for p in m.small_branch_parameters()}
+    large = {id(m.weight) for m in convs} if optim.large_kernel_lr is not None else set()
+    decay, no_decay, small_branch, large_kernels = [], [], [], []
     for p in network.parameters():
         if not p.requires_grad:
             continue
         if id(p) in small:
             small_branch.append(p)
+        elif id(p) in large:
+            large_kernels.append(p)
         elif p.ndim > 1:
             decay.append(p)
         else:
@@ -98,10 +107,9 @@ def parameter_groups(network: nn.Module, optim: OptimizerSettings) -> list[dict]
     groups = [
         {"params": decay, "weight_decay": optim.weight_decay, "initial_lr": optim.lr},
         {"params": no_decay, "weight_decay": 0.0, "initial_lr": optim.lr},
+        {"params": small_branch, "weight_decay": optim.weight_decay, "initial_lr": optim.small_branch_lr or optim.lr},
+        {"params": large_kernels, "weight_decay": optim.weight_decay, "initial_lr": optim.large_kernel_lr},
     ]
-    if small_branch:
-        groups.append({"params": small_branch, "weight_decay": optim.weight_decay,
-                       "initial_lr": optim.small_branch_lr or optim.lr})
     return [g for g in groups if g["params"]]
 
 
@@ -137,7 +145,7 @@ def build_optimizer(network: nn.Module, optim: OptimizerSettings, num_epochs: in
     """Returns (optimizer, scheduler) for ``network``."""
     groups = parameter_groups(network, optim)
     if optim.name == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, amsgrad=optim.amsgrad)
     else:
         optimizer = torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=True)
     return optimizer, PolyLRPerGroup(optimizer, num_epochs)
