@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .eval_cache import CACHE
 from .modulation import KernelModulation, check_generator, check_kernel_size, check_modulation_mode
 from .ops import apply_prepared_kernel, choose_backend, depthwise_conv, fft_workspace_voxels, prepare_kernel
 
@@ -32,14 +33,8 @@ def _has_key_under(state_dict: dict, prefix: str) -> bool:
     return any(key.startswith(prefix) for key in state_dict)
 
 
-def _state_key(tensors) -> tuple:
-    """Changes whenever one of the tensors is replaced or modified in place (an optimizer step, load_state_dict)."""
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-
-
-def _same_contents(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(
-        x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y) for x, y in zip(a, b))
+def _module_name(prefix: str) -> str:
+    return prefix[:-1] if prefix.endswith(".") else (prefix or "the network")
 
 
 class ModulatedDepthwiseConv(nn.Module):
@@ -120,7 +115,6 @@ class ModulatedDepthwiseConv(nn.Module):
                 mask = self.modulation()
                 self.weight.mul_(torch.sqrt(mask.new_tensor(float(np.prod(self.kernel_size))) / mask.square().sum()))
         self.is_folded = False
-        self._clear_eval_caches()
         if deploy:
             self._to_folded_structure()
 
@@ -129,49 +123,29 @@ class ModulatedDepthwiseConv(nn.Module):
         """M, shape [C or 1, 1, *k]; in eval mode without autograd computed in float64 and, when eager, cached.
 
         Training forwards compute M in every step (gradients reach beta and the generator). In eval mode M is a
-        constant: it is computed once per distinct content of the modulation's parameters (``EVAL_MASKS_KEPT``
-        kept, most recently used first), so reloading the same weights, or switching between the folds of an
-        ensemble, finds its mask again by comparing contents. Compiled eval forwards (nnU-Net's validation) recompute
-        the same float64 mask in the graph instead: the cache is Python state that torch.compile cannot trace.
+        constant: it is kept per distinct content of the modulation's parameters (``EVAL_MASKS_KEPT`` per conv, in
+        ``eval_cache``), so reloading the same weights, or switching between the folds of an ensemble, finds its mask
+        again, and any change of the parameters (an optimizer step, a load, a write through ``.data``) computes it
+        anew. Compiled eval forwards (nnU-Net's validation) recompute the same float64 mask in the graph instead: the
+        cache is Python state that torch.compile cannot trace.
         """
         if self.training or torch.is_grad_enabled():
             return self.modulation()
         if torch.compiler.is_compiling():
             return self.modulation(torch.float64).to(self.weight.dtype)
         tensors = [*self.modulation.parameters(), *self.modulation.buffers()]
-        key = _state_key(tensors) + (self.weight.dtype,)
-        if self._mask_key != key:
-            self._current_mask = self._mask_for_contents(tensors)
-            self._mask_key = key
-        return self._current_mask
-
-    def _mask_for_contents(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        for index, (snapshot, mask) in enumerate(self._eval_masks):
-            if mask.dtype == self.weight.dtype and _same_contents(snapshot, tensors):
-                self._eval_masks.insert(0, self._eval_masks.pop(index))
-                return mask
-        # float64, rounded once: the generator's norm reductions then give the same float32 mask whatever the
-        # thread count, so folded weights (computed at export) match the trained model's runtime mask bit for bit.
-        mask = self.modulation(torch.float64).to(self.weight.dtype)
-        self._eval_masks.insert(0, ([t.detach().clone() for t in tensors], mask))
-        del self._eval_masks[EVAL_MASKS_KEPT:]
+        mask = CACHE.lookup(self, "mask", tensors, self.weight.dtype)
+        if mask is None:
+            # float64, rounded once: the generator's norm reductions then give the same float32 mask whatever the
+            # thread count, so folded weights (computed at export) match the trained model's runtime mask bit for bit.
+            mask = CACHE.store(self, "mask", tensors, self.modulation(torch.float64).to(self.weight.dtype),
+                               self.weight.dtype, per_owner=EVAL_MASKS_KEPT)
         return mask
-
-    def _clear_eval_caches(self) -> None:
-        self._eval_masks: list[tuple[list[torch.Tensor], torch.Tensor]] = []
-        self._mask_key: tuple | None = None
-        self._current_mask: torch.Tensor | None = None
-        self._prepared: tuple | None = None  # (key, ops.PreparedKernel) of the last eval input shape
 
     def train(self, mode: bool = True) -> "ModulatedDepthwiseConv":
         if mode:
-            self._clear_eval_caches()  # training changes the parameters; the cached tensors would only hold memory
+            CACHE.release(self)  # training changes the parameters; the cached tensors would only hold memory
         return super().train(mode)
-
-    def __getstate__(self):
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        # copies and pickles carry the weights, not tensors derived from them
-        return {**state, "_eval_masks": [], "_mask_key": None, "_current_mask": None, "_prepared": None}
 
     def effective_weight(self) -> torch.Tensor:
         """W_eff, shape [C, 1, *k]: the kernel the convolution applies."""
@@ -210,22 +184,24 @@ class ModulatedDepthwiseConv(nn.Module):
 
     def _prepared_kernel(self, x: torch.Tensor):
         """The kernel transformed for inputs like ``x`` (eval, eager): once per weights and input shape, so the tiles
-        and mirror flips of nnU-Net's sliding window share one kernel spectrum."""
+        and mirror flips of nnU-Net's sliding window share one kernel spectrum (kept in ``eval_cache``)."""
         device_type = x.device.type
         autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
-        key = (_state_key([*self.parameters(), *self.buffers()]), tuple(x.shape[1:]), x.dtype, x.device, autocast,
-               self.backend)
-        if self._prepared is None or self._prepared[0] != key:
-            self._prepared = None  # the old spectrum is freed before the new one is made
-            self._prepared = (key, prepare_kernel(x, self.effective_weight(), self.effective_bias(), self.backend))
-        return self._prepared[1]
+        condition = (tuple(x.shape[1:]), x.dtype, x.device, autocast, self.backend)
+        tensors = [*self.parameters(), *self.buffers()]
+        prepared = CACHE.lookup(self, "kernel", tensors, condition)
+        if prepared is None:
+            CACHE.discard(self, "kernel")  # the old spectrum is freed before the new one is made
+            prepared = CACHE.store(self, "kernel", tensors, condition=condition, value=prepare_kernel(
+                x, self.effective_weight(), self.effective_bias(), self.backend))
+        return prepared
 
     # ---- folding ----
     def _to_folded_structure(self) -> None:
         self.modulation = None
         self.small_weight = None
         self.small_bias = None
-        self._clear_eval_caches()
+        CACHE.release(self)
         self.is_folded = True
 
     @torch.no_grad()
@@ -240,16 +216,32 @@ class ModulatedDepthwiseConv(nn.Module):
             self.bias.copy_(bias)
         self._to_folded_structure()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        folded_state = prefix + "weight" in state_dict and not (
-            _has_key_under(state_dict, prefix + "modulation.") or prefix + "small_weight" in state_dict
-        )
-        if folded_state and not self.is_folded:
-            self._to_folded_structure()
-        if prefix + "bias" in state_dict and self.bias is None:
-            # A folded BatchNorm leaves a bias behind even where the trained conv had none.
-            self.bias = nn.Parameter(torch.zeros(self.channels, device=self.weight.device, dtype=self.weight.dtype))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def structure(self) -> str:
+        """What the parameters are, in words: ``folded`` (a plain kernel W_deploy), or the training-time form."""
+        if self.is_folded:
+            return "a folded kernel (an export: W * M merged into one plain kernel)"
+        if self.modulation is not None:
+            generator = "learnable beta and an LRBM generator" if self.modulation.generator is not None else \
+                "beta fixed at 1"
+            return f"a kernel W modulated by a mask M ({self.modulation_mode}: {generator})"
+        if self.small_weight is not None:
+            return "a CSLA pair (a large and a small kernel)"
+        return "a plain kernel (vanilla, no modulation)"
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        plain_state = prefix + "weight" in state_dict and not (
+            _has_key_under(state_dict, prefix + "modulation.") or prefix + "small_weight" in state_dict)
+        if plain_state and (self.modulation is not None or self.small_weight is not None):
+            # Never fold silently: an export's plans build the folded form (deploy=True) before its weights load.
+            error_msgs.append(
+                f"{_module_name(prefix)}: the weights hold a plain kernel (a vanilla network's, or an export's folded "
+                f"one), but this network has {self.structure()}; loading them would drop its training-only "
+                f"parameters. Load them into the network their own plans build (an exported folder's plans build the "
+                f"folded form), or train with the trainer that wrote them.")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
         mode = "folded" if self.is_folded else self.modulation_mode
@@ -304,10 +296,12 @@ class _DepthwiseThenNorm(nn.Module):
             fuse_batchnorm(self.conv, self.norm)
             self.norm = nn.Identity()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if self._can_fuse_norm() and prefix + "conv.weight" in state_dict and not _has_key_under(state_dict, prefix + "norm."):
+    def _fuse_norm_at_construction(self) -> None:
+        """The deploy form of a block whose BatchNorm folding fuses: no norm, a conv bias to hold the norm's shift."""
+        if self._can_fuse_norm():
             self.norm = nn.Identity()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            if self.conv.bias is None:
+                self.conv.bias = nn.Parameter(torch.zeros(self.conv.channels))
 
 
 class Rep3DBlock(_DepthwiseThenNorm):
@@ -347,8 +341,8 @@ class Rep3DBlock(_DepthwiseThenNorm):
         self.layer_scale = (
             nn.Parameter(torch.full((channels,), float(layer_scale_init))) if layer_scale_init is not None else None
         )
-        if conv_kwargs.get("deploy") and self._can_fuse_norm():
-            self.norm = nn.Identity()
+        if conv_kwargs.get("deploy"):
+            self._fuse_norm_at_construction()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.nonlin(self.norm(self.conv(x)))
@@ -399,8 +393,8 @@ class UXNetBlock(_DepthwiseThenNorm):
         self.layer_scale = (
             nn.Parameter(torch.full((channels,), float(layer_scale_init))) if layer_scale_init is not None else None
         )
-        if conv_kwargs.get("deploy") and self._can_fuse_norm():
-            self.norm = nn.Identity()
+        if conv_kwargs.get("deploy"):
+            self._fuse_norm_at_construction()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.project(self.nonlin(self.expand(self.norm(self.conv(x)))))

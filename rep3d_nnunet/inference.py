@@ -27,6 +27,7 @@ def predict_from_model_folder(input_folder: str | Path, output_folder: str | Pat
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+    from . import eval_cache
     from .model_folder import ModelFolder
     from .preprocessing import Rep3DConfigurationManager
 
@@ -42,9 +43,12 @@ def predict_from_model_folder(input_folder: str | Path, output_folder: str | Pat
                                 allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(model_folder), tuple(folds), checkpoint)
     predictor.configuration_manager = Rep3DConfigurationManager(predictor.configuration_manager.configuration)
-    predictor.predict_from_files(str(input_folder), str(output_folder), save_probabilities=save_probabilities,
-                                 overwrite=True, num_processes_preprocessing=num_processes_preprocessing,
-                                 num_processes_segmentation_export=num_processes_export)
+    try:
+        predictor.predict_from_files(str(input_folder), str(output_folder), save_probabilities=save_probabilities,
+                                     overwrite=True, num_processes_preprocessing=num_processes_preprocessing,
+                                     num_processes_segmentation_export=num_processes_export)
+    finally:
+        eval_cache.release(predictor.network)  # the masks and kernel spectra of the model are done with
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

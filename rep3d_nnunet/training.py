@@ -15,6 +15,7 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
+from . import eval_cache
 from .blocks import ModulatedDepthwiseConv
 from .config import REP3D_NETWORK_CLASS, Rep3DSettings, rep3d_architecture
 from .nnunet_compat import network_build_inputs, own_build_inputs, record_build_inputs
@@ -222,3 +223,9 @@ class Rep3DTrainer(ScheduledTrainer):
 
     def configure_optimizers(self):
         return build_optimizer(self.network, self.optim, self.num_epochs)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        try:
+            super().perform_actual_validation(save_probabilities)
+        finally:
+            eval_cache.release(self.network)  # masks and kernel spectra of the eval forwards: done with

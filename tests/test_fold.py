@@ -1,4 +1,8 @@
-"""Folding: equal outputs before and after, parameter accounting, idempotence and folded state dicts."""
+"""Folding: equal outputs before and after, parameter accounting, idempotence and folded state dicts.
+
+The reference is always the training-time forward (the mask computed in the graph, float32), run in eval mode for the
+norms' running statistics: the cached eval path and the folded kernel share one float64 mask, so comparing those two
+would not show a train-vs-export mismatch. Inputs are large enough that every kernel tap touches them."""
 
 import copy
 import io
@@ -49,6 +53,12 @@ def _input(dim: int) -> torch.Tensor:
     return torch.randn(2, 2, *([7, 8, 9][:dim] if dim == 3 else [10, 11]))
 
 
+def _training_path(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The logits as a training step computes them (W * M built in the graph), norms in eval mode."""
+    with torch.enable_grad():
+        return net.eval()(x).detach()
+
+
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
@@ -69,8 +79,7 @@ def test_fold_keeps_outputs_and_drops_exactly_the_training_only_parameters(dim, 
     for kernel_size in KERNELS[dim]:
         net = _randomise(TinyNet(dim, kernel_size, mode, norm)).eval()
         x = _input(dim)
-        with torch.no_grad():
-            before = net(x)
+        before = _training_path(net, x)
         params_before = count_parameters(net)
         training_only = _training_only_parameters(net)
         fold(net)
@@ -105,29 +114,49 @@ def test_fold_is_idempotent_and_leaves_a_copy_source_untouched():
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("norm", ["instance", "batch"])
-def test_folded_and_unfolded_state_dicts_load_into_a_fresh_network(mode, norm):
+def test_folded_state_dicts_load_into_the_deploy_form_only(mode, norm):
+    """A trained state loads into a fresh network, a folded one into the deploy form; a folded state offered to the
+    training form is refused naming the module and both structures (it used to fold the network silently, so a
+    resume or fine-tune from an export trained another model than the one it asked for)."""
     trained = _randomise(TinyNet(3, (5, 9, 9), mode, norm)).eval()
     x = _input(3)
-    with torch.no_grad():
-        expected = trained(x)
+    expected = _training_path(trained, x)
 
     unfolded_state = copy.deepcopy(trained.state_dict())
     folded_state = fold(copy.deepcopy(trained)).state_dict()
-    for state in (unfolded_state, folded_state):
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        buffer.seek(0)
-        fresh = TinyNet(3, (5, 9, 9), mode, norm)
-        fresh.load_state_dict(torch.load(buffer, weights_only=True))  # strict
-        fresh.eval()
-        with torch.no_grad():
-            assert _relative_error(fresh(x), expected) < 1e-5
+    buffer = io.BytesIO()
+    torch.save(unfolded_state, buffer)
+    buffer.seek(0)
+    fresh = TinyNet(3, (5, 9, 9), mode, norm)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))  # strict
+    assert _relative_error(_training_path(fresh, x), expected) < 1e-5
 
-    # the deploy flag builds the folded structure directly, which loads the folded state strictly too
     deployed = TinyNet(3, (5, 9, 9), mode, norm, deploy=True)
-    deployed.load_state_dict(folded_state)
+    deployed.load_state_dict(folded_state)  # strict
     with torch.no_grad():
         assert _relative_error(deployed.eval()(x), expected) < 1e-5
+
+    same_structure = mode == "none" and norm == "instance"  # a vanilla kernel is its own folded form
+    if same_structure:
+        TinyNet(3, (5, 9, 9), mode, norm).load_state_dict(folded_state)
+        return
+    with pytest.raises(RuntimeError) as refused:
+        TinyNet(3, (5, 9, 9), mode, norm).load_state_dict(folded_state)
+    if mode != "none":
+        assert "rep3d.conv: the weights hold a plain kernel" in str(refused.value)
+        assert "this network has a" in str(refused.value) and "Load them into the network their own plans build" \
+            in str(refused.value)
+
+
+@pytest.mark.parametrize("mode", ["lrbm", "fixed"])
+def test_a_vanilla_checkpoint_does_not_load_into_a_modulated_network(mode):
+    """The silent failure of issue 25: strict loading of a vanilla state (no modulation keys) into an LRBM network
+    reported every key matched and dropped the generator."""
+    vanilla = TinyNet(3, (5, 9, 9), "none", "instance")
+    with pytest.raises(RuntimeError, match=f"rep3d.conv: the weights hold a plain kernel .* \\({mode}"):
+        TinyNet(3, (5, 9, 9), mode, "instance").load_state_dict(vanilla.state_dict())
+    with pytest.raises(RuntimeError, match="uxnet.conv: the weights hold a plain kernel"):
+        TinyNet(3, (5, 9, 9), mode, "instance").load_state_dict(vanilla.state_dict(), strict=False)
 
 
 def test_csla_small_branch_has_its_own_parameters_and_merges_exactly():

@@ -141,3 +141,85 @@ def test_float64_masks_never_take_torchs_slow_convolution():
     # oneDNN has no float64 convolution: a 7^3 generator conv over a 21^3 kernel must go through the FFT
     assert ops.choose_backend((1, 32, 21, 21, 21), 7, "cpu", requires_grad=False, dtype=torch.float64) == "fft"
     assert ops.choose_backend((1, 32, 21, 21, 21), 3, "cpu", requires_grad=False, dtype=torch.float64) == "direct"
+
+
+def _eval_output(conv: ModulatedDepthwiseConv, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return conv(x)
+
+
+def _uncached_output(conv: ModulatedDepthwiseConv, x: torch.Tensor) -> torch.Tensor:
+    with torch.enable_grad():
+        return conv(x).detach()
+
+
+@pytest.mark.parametrize("write", ["data", "vector_to_parameters", "modulation_data"])
+def test_cached_eval_forwards_notice_weight_writes_that_bump_no_version(write):
+    """Writes through ``.data`` (EMA code, weight surgery) and ``vector_to_parameters`` change neither the version
+    counter nor, for ``.data`` writes, the data pointer: the cached eval forward used to return the old output."""
+    conv = ModulatedDepthwiseConv(3, 7, dim=3, modulation="lrbm", backend="fft").eval()
+    with torch.no_grad():
+        conv.modulation.generator.norms[-1].weight.fill_(0.5)
+    x = torch.randn(1, 3, 6, 8, 8)
+    before = _eval_output(conv, x)
+    if write == "data":
+        conv.weight.data.mul_(2.0)
+    elif write == "vector_to_parameters":
+        vector = torch.nn.utils.parameters_to_vector(conv.parameters())
+        torch.nn.utils.vector_to_parameters(vector * 1.5, conv.parameters())
+    else:
+        conv.modulation.generator.norms[-1].bias.data.add_(0.3)
+    after = _eval_output(conv, x)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, _uncached_output(conv, x), rtol=1e-5, atol=1e-6)
+
+
+def test_eval_caches_stay_within_their_byte_budget_and_are_released(monkeypatch):
+    from rep3d_nnunet import eval_cache
+
+    eval_cache.release()
+    convs = [ModulatedDepthwiseConv(4, 9, dim=3, modulation="lrbm", backend="fft").eval() for _ in range(3)]
+    x = torch.randn(1, 4, 10, 12, 12)
+    for conv in convs:
+        _eval_output(conv, x)
+    held = eval_cache.bytes_held()
+    per_conv = [eval_cache.bytes_held(conv) for conv in convs]
+    assert held == sum(per_conv) and all(b > 0 for b in per_conv)
+    # each conv keeps its mask (and snapshot) and its kernel spectrum (and snapshot): at least the spectrum's bytes
+    spectrum = 4 * 14 * 16 * 9 * 8  # [C, *m] complex64: FFT sizes 14 x 16 x 16 (D + 4), the last axis halved + 1
+    assert min(per_conv) > spectrum
+
+    # a budget for about two convs: storing the third evicts the least recently used (the first), results unchanged
+    eval_cache.release()
+    monkeypatch.setenv(eval_cache.BUDGET_VARIABLE, str(2.5 * per_conv[0] / 2 ** 20))
+    outputs = [_eval_output(conv, x) for conv in convs]
+    assert eval_cache.bytes_held() <= 2.5 * per_conv[0]
+    assert eval_cache.bytes_held(convs[0]) < per_conv[0] and eval_cache.bytes_held(convs[2]) == per_conv[2]
+    torch.testing.assert_close(_eval_output(convs[0], x), outputs[0], rtol=0, atol=0)
+
+    eval_cache.release(convs[1])
+    assert eval_cache.bytes_held(convs[1]) == 0
+    convs[2].train()  # training drops a module's entries
+    assert eval_cache.bytes_held(convs[2]) == 0
+    eval_cache.release()
+    assert eval_cache.bytes_held() == 0
+    monkeypatch.setenv(eval_cache.BUDGET_VARIABLE, "0")  # nothing kept, results unchanged
+    torch.testing.assert_close(_eval_output(convs[0], x), outputs[0], rtol=0, atol=0)
+    assert eval_cache.bytes_held() == 0
+    monkeypatch.setenv(eval_cache.BUDGET_VARIABLE, "lots")
+    with pytest.raises(ValueError, match="REP3D_EVAL_CACHE_MB='lots' is not a number of megabytes"):
+        _eval_output(convs[0], x)
+
+
+def test_a_deleted_network_leaves_nothing_in_the_cache():
+    import gc
+
+    from rep3d_nnunet import eval_cache
+
+    eval_cache.release()
+    conv = ModulatedDepthwiseConv(4, 9, dim=3, modulation="lrbm").eval()
+    _eval_output(conv, torch.randn(1, 4, 8, 8, 8))
+    assert eval_cache.bytes_held() > 0
+    del conv
+    gc.collect()
+    assert eval_cache.bytes_held() == 0
