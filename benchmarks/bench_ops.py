@@ -2,12 +2,12 @@
 
 Usage:
     python benchmarks/bench_ops.py [--device cuda] [--repeats N] [--max-direct-seconds S] [--amp]
-    python benchmarks/bench_ops.py --calibrate [--device cuda]   # refit the cost-model constants of ops.py
+    python benchmarks/bench_ops.py --calibrate [--device cuda]   # refit the cost-model constants of backend_choice.py
 
 Method: one process; per input shape the same input tensor and, per kernel size, the same weights for every variant;
 variants interleaved within each repeat; warm-up first (cuFFT plans, cudnn.benchmark, allocator); medians. CUDA
 times are taken between torch.cuda.synchronize() calls, peak memory with torch.cuda.max_memory_allocated() after a
-reset (it includes the input, weights and gradients). Direct variants whose modelled time (ops.estimate_seconds)
+reset (it includes the input, weights and gradients). Direct variants whose modelled time (backend_choice.estimate_seconds)
 exceeds --max-direct-seconds are skipped and reported as such; a variant whose single run takes longer than 5 s
 counts its warm-up run as a sample and is repeated at most --slow-budget seconds in total, so the table finishes in
 minutes on a CPU (the runs column says how many samples each median has).
@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rep3d_nnunet import ops  # noqa: E402
+from rep3d_nnunet import backend_choice, ops  # noqa: E402
+from rep3d_nnunet.kernel_geometry import conv_plan  # noqa: E402
 
 SHAPES = ((1, 32, 32), (2, 48, 48))  # (N, C, D): input [N, C, D, D, D]
 KERNELS = (3, 7, 13, 21)
@@ -84,7 +85,7 @@ def benchmark(device: torch.device, repeats: int, max_direct_seconds: float, slo
         for k in kernels:
             weight = (torch.randn(channels, 1, k, k, k, generator=generator) / k ** 1.5).to(device).requires_grad_()
             for amp in amp_modes:
-                estimate = ops.estimate_seconds(x.shape, k, device.type, requires_grad=True)
+                estimate = backend_choice.estimate_seconds(x.shape, k, device.type, requires_grad=True)
                 variants = ["fft"]
                 skipped = ""
                 if estimate["direct"] > max_direct_seconds:
@@ -161,7 +162,7 @@ def calibrate(repeats: int, device: torch.device = torch.device("cpu")) -> dict:
                             ops.depthwise_conv(x, w, None, backend)
                     _sync(device)
 
-                plan = ops._plan(tuple(shape[2:]), (k,) * 3)
+                plan = conv_plan(tuple(shape[2:]), (k,) * 3)
                 points = math.prod(plan.fft_shape())
                 work = (shape[0] * shape[1] * math.prod(shape[2:]) * math.prod([2 * r + 1 for r in plan.radii])
                         if backend == "direct" else shape[0] * shape[1] * points * math.log2(points))
@@ -188,7 +189,7 @@ def main() -> None:
                         help="comma-separated NxCxD inputs [N, C, D, D, D], default %(default)s")
     parser.add_argument("--kernels", default=",".join(map(str, KERNELS)), help="default %(default)s")
     parser.add_argument("--calibrate", action="store_true",
-                        help="fit the cost-model constants of --device instead (ops._by_key)")
+                        help="fit the cost-model constants of --device instead (backend_choice._by_key)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.calibrate:

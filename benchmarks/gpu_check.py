@@ -6,7 +6,7 @@
 Sections (each a row group of the table; a section that fails is reported as such and the others still run):
     env        GPU, driver-visible versions: torch, CUDA, cuDNN, nnunetv2, rep3d_nnunet
     ops        depthwise 21^3 forward+backward, torch's direct conv vs the FFT op, fp32 and fp16 autocast
-    calibrate  the cost model's CUDA constants (ops._by_key) fitted on this GPU (benchmarks/bench_ops.py --calibrate)
+    calibrate  the cost model's CUDA constants (backend_choice._by_key) fitted on this GPU (benchmarks/bench_ops.py --calibrate)
     network    one nnU-Net training iteration at 128^3, batch 2, AMP (fp16 + GradScaler), eager and torch.compile'd:
                nnU-Net's PlainConvUNet vs Rep3D (LRBM) and Rep3D with plain kernels (modulation none); ms, peak
                torch.cuda.max_memory_allocated, compile time (benchmarks/bench_network.py)
@@ -133,7 +133,7 @@ def section_calibrate(device, sizes, args) -> list[Row]:
     for (backend, grad), (per_unit, overhead) in fitted.items():
         rows.append(Row("calibrate", f"{backend}, {'training' if grad else 'inference'}",
                         f"{per_unit:.3g} s/unit + {overhead * 1e3:.3g} ms",
-                        "ops._DIRECT_SECONDS_PER_MAC/_OVERHEAD" if backend == "direct" else "ops._FFT_SECONDS_PER_UNIT"
+                        "backend_choice._DIRECT_SECONDS_PER_MAC/_OVERHEAD" if backend == "direct" else "backend_choice._FFT_SECONDS_PER_UNIT"
                         "/_OVERHEAD"))
     return rows
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .blocks import ModulatedDepthwiseConv
-from .modulation import check_kernel_size
+from .kernel_geometry import check_kernel_size
 
 ADAPTER_NAME = "dka_adapter"
 ADAPTER_KINDS = ("dual", "large", "small", "bottleneck", "none")

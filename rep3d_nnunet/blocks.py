@@ -16,9 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .backend_choice import choose_backend
 from .eval_cache import CACHE
-from .modulation import KernelModulation, check_generator, check_kernel_size, check_modulation_mode
-from .ops import apply_prepared_kernel, choose_backend, depthwise_conv, fft_workspace_voxels, prepare_kernel
+from .kernel_geometry import check_kernel_size, fft_workspace_voxels
+from .modulation import KernelModulation, check_generator, check_modulation_mode
+from .ops import apply_prepared_kernel, depthwise_conv, prepare_kernel
 
 _POINTWISE_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 KERNEL_INITS = ("default", "modulated")

@@ -13,12 +13,13 @@ from typing import Sequence
 
 import numpy as np
 
+from .backend_choice import BACKENDS
 from .blocks import KERNEL_INITS
-from .modulation import check_generator, check_kernel_size, check_modulation_mode
+from .kernel_geometry import check_kernel_size
+from .modulation import check_generator, check_modulation_mode
 
 REP3D_NETWORK_CLASS = "rep3d_nnunet.architecture.Rep3DUNet"
 BLOCK_TYPES = ("rep3d", "uxnet")
-CONV_BACKENDS = ("auto", "direct", "fft")
 TOPOLOGIES = ("plan", "paper")
 STAGE_CONVS = ("one", "plan")
 # nnU-Net architectures whose arch_kwargs carry a U-Net topology we can reuse.
@@ -75,8 +76,8 @@ class Rep3DSettings:
         check_generator(self.generator_depth, self.generator_kernel)
         if self.blocks_per_stage < 1:
             raise ValueError(f"blocks_per_stage must be at least 1, got {self.blocks_per_stage}.")
-        if self.conv_backend not in CONV_BACKENDS:
-            raise ValueError(f"Unknown conv backend {self.conv_backend!r}; allowed values are {', '.join(CONV_BACKENDS)}.")
+        if self.conv_backend not in BACKENDS:
+            raise ValueError(f"Unknown conv backend {self.conv_backend!r}; allowed values are {', '.join(BACKENDS)}.")
         if self.topology not in TOPOLOGIES:
             raise ValueError(f"Unknown topology {self.topology!r}; allowed values are {', '.join(TOPOLOGIES)}.")
         if self.stage_convs not in STAGE_CONVS:

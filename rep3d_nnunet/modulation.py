@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernel_geometry import check_kernel_size
 from .ops import depthwise_conv, fan_out_conv
 
 MODULATION_MODES = ("lrbm", "fixed", "none", "csla")
@@ -44,23 +45,6 @@ def check_generator(depth: int, generator_kernel: int) -> None:
         raise ValueError(f"Generator depth {depth!r} is not allowed; allowed values are {GENERATOR_DEPTHS}.")
     if generator_kernel not in GENERATOR_KERNELS:
         raise ValueError(f"Generator kernel {generator_kernel!r} is not allowed; allowed values are {GENERATOR_KERNELS}.")
-
-
-def check_kernel_size(kernel_size: int | Sequence[int], dim: int) -> tuple[int, ...]:
-    """Expands an int to ``dim`` axes and checks that every axis is a positive odd number.
-
-    Raises:
-        ValueError: a size is even or not positive, or the number of axes is not ``dim``.
-    """
-    sizes = (int(kernel_size),) * dim if isinstance(kernel_size, int) else tuple(int(k) for k in kernel_size)
-    if len(sizes) != dim:
-        raise ValueError(f"Kernel size {tuple(sizes)} has {len(sizes)} axes but the convolution is {dim}D.")
-    if any(k < 1 or k % 2 == 0 for k in sizes):
-        raise ValueError(
-            f"Kernel size {tuple(sizes)} is not allowed: every axis must be a positive odd number "
-            f"(1, 3, 5, ...), so that the kernel has a centre tap."
-        )
-    return sizes
 
 
 def distance_from_centre(kernel_size: Sequence[int], spacing: Sequence[float] | None = None) -> torch.Tensor:

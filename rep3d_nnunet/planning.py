@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -138,6 +140,72 @@ class PaperPresetPlanner(Rep3DPlanner):
             plan["patch_size"] = list(self.preset.patch_size)
             plan["batch_size"] = self.preset.batch_size
         return plan
+
+
+# What nnU-Net's planners size a plan for (nnunetv2 2.8.1's sources): the GPU target in GB and the estimate
+# (compute_conv_feature_map_size, voxels) that fills it at the reference batch (2 in 3D, 12 in 2D); the planner
+# chooses patch and batch so that estimate x batch stays within reference x reference batch.
+PLANNER_BUDGETS = {  # experiment_planner_used: (GB, 3D reference, 2D reference)
+    "ExperimentPlanner": (8, 560_000_000, 85_000_000),
+    "ResEncUNetPlanner": (8, 680_000_000, 135_000_000),
+    "nnUNetPlannerResEncM": (8, 680_000_000, 135_000_000),
+    "nnUNetPlannerResEncL": (24, 2_100_000_000, 380_000_000),
+    "nnUNetPlannerResEncXL": (40, 3_600_000_000, 560_000_000),
+}
+_REFERENCE_BATCH = {3: 2, 2: 12}
+
+
+@dataclass(frozen=True)
+class MemoryCheck:
+    """The memory of a Rep3D network on a plan made for another network, estimated as nnU-Net's planner does.
+
+    Attributes:
+        planner: the planner that wrote the plan (``experiment_planner_used``).
+        target_gb: what that planner sized patch and batch for (for a planner we do not know: what the plan's own
+            network needs, which at least fits).
+        rep3d_gb: the Rep3D network at the plan's patch and batch (feature maps plus the largest FFT workspace), on
+            the same planner's scale.
+    """
+
+    planner: str
+    target_gb: float
+    rep3d_gb: float
+
+    @property
+    def ratio(self) -> float:
+        return self.rep3d_gb / self.target_gb
+
+    def line(self, dataset: str) -> str:
+        return (f"Rep3D on these plans: {self.planner} sized their patch and batch for ~{self.target_gb:.1f} GB; by "
+                f"the same estimate the Rep3D network needs ~{self.rep3d_gb:.1f} GB ({self.ratio:.2f}x: feature maps "
+                f"plus FFT workspace) and may run out of GPU memory. Fix: rep3d-nnunet plan -d {dataset} "
+                f"--gpu-memory-gb {math.ceil(self.target_gb):g}, then train with -p Rep3DPlans.")
+
+
+def memory_check(plans_manager, configuration_manager, settings: Rep3DSettings, num_input_channels: int,
+                 num_output_channels: int) -> MemoryCheck | None:
+    """The Rep3D network's memory at the plan's patch and batch against what the plan's planner sized them for; None
+    for plans the Rep3D planner wrote (their patch and batch were chosen for the Rep3D network already)."""
+    architecture = configuration_manager.configuration["architecture"]
+    if architecture["network_class_name"].rsplit(".", 1)[-1] == REP3D_NETWORK_CLASS.rsplit(".", 1)[-1]:
+        return None
+    patch = list(configuration_manager.patch_size)
+    dim, batch = len(patch), configuration_manager.batch_size
+    planner = plans_manager.plans.get("experiment_planner_used", "an unknown planner")
+    kwargs, req_import = rep3d_architecture(architecture["network_class_name"], architecture["arch_kwargs"], patch,
+                                            configuration_manager.spacing, settings)
+    rep3d = get_network_from_plans(REP3D_NETWORK_CLASS, kwargs, req_import, num_input_channels, num_output_channels,
+                                   allow_init=False)
+    need = float(rep3d.compute_conv_feature_map_size(patch)) * batch
+    gb, reference_3d, reference_2d = PLANNER_BUDGETS.get(planner, PLANNER_BUDGETS["ExperimentPlanner"])
+    budget = (reference_3d if dim == 3 else reference_2d) * _REFERENCE_BATCH[dim]
+    target = gb
+    if planner not in PLANNER_BUDGETS:  # its target is unknown: what its own network needs surely fitted
+        own = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
+                                     architecture["_kw_requires_import"], num_input_channels, num_output_channels,
+                                     allow_init=False)
+        target = float(own.compute_conv_feature_map_size(patch)) * batch / budget * gb
+    return MemoryCheck(planner, target, need / budget * gb)
 
 
 def _jsonable(value):

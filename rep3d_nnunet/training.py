@@ -18,7 +18,8 @@ from torch import nn
 from . import eval_cache
 from .blocks import ModulatedDepthwiseConv
 from .config import REP3D_NETWORK_CLASS, Rep3DSettings, rep3d_architecture
-from .nnunet_compat import network_build_inputs, own_build_inputs, record_build_inputs
+from .backend_choice import measure_network
+from .nnunet_compat import network_build_inputs, own_build_inputs, record_build_inputs, without_build_inputs
 
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -152,6 +153,17 @@ def build_optimizer(network: nn.Module, optim: OptimizerSettings, num_epochs: in
     return optimizer, PolyLRPerGroup(optimizer, num_epochs)
 
 
+def unwrapped_network(network: nn.Module) -> nn.Module:
+    """The module inside nnU-Net's wrappers (DistributedDataParallel, then torch.compile's OptimizedModule)."""
+    network = getattr(network, "module", network) if isinstance(network, nn.parallel.DistributedDataParallel) \
+        else network
+    return getattr(network, "_orig_mod", network)
+
+
+# The Rep3D network may need this much more memory than the network a plan was sized for before start-up says so.
+MEMORY_WARNING_RATIO = 1.05
+
+
 class ScheduledTrainer(nnUNetTrainer):
     """nnUNetTrainer whose schedule length comes from class attributes (the variant table's schedule suffixes).
 
@@ -179,6 +191,32 @@ class ScheduledTrainer(nnUNetTrainer):
         # rebuilds the network from the architecture entry alone, so the entry carries what else the build needs
         record_build_inputs(self.plans_manager.plans, self.configuration_name)
         super().on_train_start()
+        self.check_plan()
+        self.measure_conv_backends()
+
+    def check_plan(self) -> None:
+        """Says before the first iteration what a plan made for another network means for ours (nothing here)."""
+
+    def measure_conv_backends(self) -> None:
+        """Takes the large-kernel backend decisions of a training step before the first one runs (``backend_choice``:
+        measured on CUDA), so that a compiled network finds them decided and validation and prediction in this
+        process compute what training does. Once per trainer; validation without training (``--val``) does it too."""
+        if getattr(self, "_conv_backends_measured", False):
+            return
+        self._conv_backends_measured = True
+        if not self.was_initialized:
+            self.initialize()
+        cuda = self.device.type == "cuda"
+        measure_network(unwrapped_network(self.network),
+                        (self.batch_size, self.num_input_channels, *self.configuration_manager.patch_size),
+                        self.device, torch.float16 if cuda else None)  # nnU-Net's train_step autocasts on CUDA only
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self.measure_conv_backends()
+        try:
+            super().perform_actual_validation(save_probabilities)
+        finally:
+            eval_cache.release(self.network)  # masks and kernel spectra of the eval forwards: done with
 
 
 class Rep3DTrainer(ScheduledTrainer):
@@ -224,8 +262,14 @@ class Rep3DTrainer(ScheduledTrainer):
     def configure_optimizers(self):
         return build_optimizer(self.network, self.optim, self.num_epochs)
 
-    def perform_actual_validation(self, save_probabilities: bool = False):
-        try:
-            super().perform_actual_validation(save_probabilities)
-        finally:
-            eval_cache.release(self.network)  # masks and kernel spectra of the eval forwards: done with
+    def check_plan(self) -> None:
+        """One line before the first iteration where the plan's patch and batch were sized for another network and
+        the Rep3D network needs more memory than it (``planning.memory_check``)."""
+        from .planning import memory_check
+
+        check = memory_check(self.plans_manager, without_build_inputs(self.configuration_manager), self.rep3d,
+                             self.num_input_channels, self.label_manager.num_segmentation_heads)
+        if check is not None and check.ratio > MEMORY_WARNING_RATIO:
+            dataset = self.plans_manager.dataset_name
+            dataset_id = dataset[len("Dataset"):len("Dataset") + 3] if dataset.startswith("Dataset") else dataset
+            self.print_to_log_file(check.line(dataset_id))

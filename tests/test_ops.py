@@ -6,14 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rep3d_nnunet import ops
-from rep3d_nnunet.ops import (
-    choose_backend,
-    depthwise_conv,
-    fan_out_conv,
-    fft_workspace_voxels,
-    next_smooth_size,
-)
+from rep3d_nnunet.backend_choice import choose_backend
+from rep3d_nnunet.fft_maths import fft_backward, fft_forward
+from rep3d_nnunet.kernel_geometry import conv_plan, fft_workspace_voxels, next_smooth_size
+from rep3d_nnunet.ops import depthwise_conv, fan_out_conv
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -107,12 +103,12 @@ def test_fft_size_bound_is_tight():
     weight = torch.randn(2, 1, 5, 5, requires_grad=True)
     expected = F.conv2d(x, weight, padding=2, groups=2)
     grads_expected = torch.autograd.grad(expected, (x, weight), torch.ones_like(expected))
-    plan = ops._plan((6, 5), (5, 5))
+    plan = conv_plan((6, 5), (5, 5))
     # Sizes need not be smooth for correctness; the plan rounds them up only for speed.
     for sizes, exact in (((8, 7), True), ((7, 7), False), ((8, 6), False)):
         sized = plan._replace(fft_sizes=sizes)
-        y = ops._fft_forward(x, weight, None, sized, torch.float32)
-        grads = ops._fft_backward(torch.ones_like(y), x, weight, sized, torch.float32, need_x=True, need_w=True)
+        y = fft_forward(x, weight, None, sized, torch.float32)
+        grads = fft_backward(torch.ones_like(y), x, weight, sized, torch.float32, need_x=True, need_w=True)
         errors = [_relative(y, expected)] + [_relative(g, e) for g, e in zip(grads, grads_expected)]
         assert (max(errors) < 1e-5) == exact, (sizes, errors)
 

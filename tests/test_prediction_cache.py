@@ -12,6 +12,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from rep3d_nnunet import ops
+from rep3d_nnunet.backend_choice import choose_backend
 from rep3d_nnunet.blocks import ModulatedDepthwiseConv
 from rep3d_nnunet.config import Rep3DSettings
 from rep3d_nnunet.export import fold
@@ -139,8 +140,8 @@ def test_cached_eval_forward_equals_the_folded_export_bit_for_bit(modulation):
 
 def test_float64_masks_never_take_torchs_slow_convolution():
     # oneDNN has no float64 convolution: a 7^3 generator conv over a 21^3 kernel must go through the FFT
-    assert ops.choose_backend((1, 32, 21, 21, 21), 7, "cpu", requires_grad=False, dtype=torch.float64) == "fft"
-    assert ops.choose_backend((1, 32, 21, 21, 21), 3, "cpu", requires_grad=False, dtype=torch.float64) == "direct"
+    assert choose_backend((1, 32, 21, 21, 21), 7, "cpu", requires_grad=False, dtype=torch.float64) == "fft"
+    assert choose_backend((1, 32, 21, 21, 21), 3, "cpu", requires_grad=False, dtype=torch.float64) == "direct"
 
 
 def _eval_output(conv: ModulatedDepthwiseConv, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,174 @@
+"""The FFT backend of the large depthwise convolution: forward and both gradients in the frequency domain.
+
+Why: torch's depthwise 3D conv has slow backward passes (im2col GEMM on CPU; a weight-gradient kernel that re-reads
+the input once per tap on CUDA), so forward+backward of a 21^3 kernel costs prod(k) = 9261 multiply-adds per voxel and
+direction. In the frequency domain every pass costs O(n log n) per voxel, independent of k.
+
+No-aliasing argument for an FFT size n >= D + r per axis (``kernel_geometry``: r the cropped radius; u = the cropped
+kernel stored centred, u[j mod n] = w[c + j], |j| <= r):
+    forward      y[p]  = sum_q x[q] u[(q - p) mod n]       q - p in [-(D-1), D-1]; a wrong match needs
+                                                           |q - p - j| = n for some |j| <= r, i.e. n <= D - 1 + r.
+    grad input   gx[q] = sum_p gy[p] u[(q - p) mod n]      the same index set as the forward.
+    grad weight  gw[j] = sum_p gy[p] x[(p + j) mod n]      for |j| <= r, p + j + n >= n - r >= D and
+                                                           p + j - n <= D - 1 + r - n < 0: only the true term.
+So every result is exact up to float rounding, with about (D + r) / (D + k - 1) of the usual linear-conv FFT size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .kernel_geometry import ConvPlan, crop_slices
+
+
+def kernel_spectrum(weight: Tensor, plan: ConvPlan) -> Tensor:
+    """Spectrum of the cropped kernel stored centred (tap offset j at index j mod n).
+
+    Args:
+        weight: [C, 1, *k] real.
+
+    Returns:
+        [C, *m] complex, m the rfftn shape along ``plan.dims`` and 1 along the other axes; without transformed axes
+        the real cropped kernel [C, 1, ...] itself (a per-channel scale).
+    """
+    u = weight[(slice(None), 0) + crop_slices(plan)]
+    if not plan.dims:
+        return u
+    # Transform the kernel stored at indices 0..2r, then centre it with a phase ramp (a shift by -r is a factor
+    # exp(+2 pi i f r / n) per axis): one pass over the spectrum instead of padding and rolling the real buffer.
+    spectrum = torch.fft.rfftn(u, s=plan.fft_shape(), dim=plan.dims)
+    return spectrum.mul_(_centring_phase(plan, spectrum.dtype, spectrum.device))
+
+
+def _centring_phase(plan: ConvPlan, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """exp(2 pi i sum_a f_a r_a / n_a) on the rfftn grid, shaped to broadcast against a [C, *m] spectrum.
+
+    Built on the spectrum's device (a host-to-device copy would synchronise a CUDA stream), in the spectrum's real
+    precision; f * r is reduced modulo n in integers first, so every angle is exact before the float rounding.
+    """
+    real = torch.empty((), dtype=dtype).real.dtype
+    nd = len(plan.spatial)
+    phase = None
+    for d in plan.dims:
+        n, r = plan.fft_sizes[d], plan.radii[d]
+        freqs = torch.arange(n // 2 + 1 if d == plan.dims[-1] else n, dtype=torch.int64, device=device)
+        angle = (freqs * r % n).to(real) * (2 * math.pi / n)
+        shape = [1] * nd
+        shape[d + nd] = -1
+        factor = torch.polar(torch.ones_like(angle), angle).view(shape)
+        phase = factor if phase is None else phase * factor
+    return phase
+
+
+def crop_to_input(t: Tensor, plan: ConvPlan) -> Tensor:
+    for d in plan.dims:
+        t = t.narrow(d, 0, plan.spatial[d])
+    return t
+
+
+def gather_taps(t: Tensor, plan: ConvPlan) -> Tensor:
+    """Reads offsets -r..r (stored at indices n-r..n-1, 0..r) along every transformed axis, in kernel order."""
+    for d in plan.dims:
+        r, n = plan.radii[d], plan.fft_sizes[d]
+        t = torch.cat([t.narrow(d, n - r, r), t.narrow(d, 0, r + 1)], dim=d)
+    return t
+
+
+def prepared_spectrum(weight: Tensor, plan: ConvPlan, compute: torch.dtype) -> Tensor:
+    """The kernel as the forward multiplies it: its spectrum, conjugated (a correlation), in ``compute`` precision.
+
+    Args:
+        weight: [C, 1, *k].
+
+    Returns:
+        [C, *m] complex (see ``kernel_spectrum``); without transformed axes the cropped real kernel [C, 1, ...].
+    """
+    spectrum = kernel_spectrum(weight.to(compute), plan)
+    # Conjugates are taken physically, in place: torch's lazy conjugate views are resolved wrongly (ignored) when
+    # this runs inside a graph compiled by AOTAutograd, which silently turns the correlation into a convolution.
+    return spectrum.conj_physical_() if plan.dims else spectrum
+
+
+def apply_spectrum(x: Tensor, spectrum: Tensor, bias: Tensor | None, plan: ConvPlan, compute: torch.dtype) -> Tensor:
+    """The depthwise conv of x with a ``prepared_spectrum``, in ``compute`` precision.
+
+    Args:
+        x: [N, C, *spatial], or [N, 1, *spatial] read by all C filters (``fan_out_conv``: the input's spectrum
+            broadcasts against the C kernel spectra, so it is transformed once).
+        spectrum: ``prepared_spectrum`` of a [C, 1, *k] kernel for this plan; bias: [C] or None.
+
+    Returns:
+        [N, C, *spatial] in ``compute``, contiguous.
+    """
+    x = x.to(compute)
+    if plan.dims:
+        xf = torch.fft.rfftn(x, s=plan.fft_shape(), dim=plan.dims)
+        # in place unless one shared input channel broadcasts against the C filters
+        xf = xf.mul_(spectrum) if xf.shape[1] == spectrum.shape[0] else xf * spectrum
+        del spectrum  # the last reference in a training forward: freed before the inverse transform allocates
+        y = crop_to_input(torch.fft.irfftn(xf, s=plan.fft_shape(), dim=plan.dims), plan)
+        del xf
+    else:
+        y = x * spectrum  # all radii 0: a 1-tap kernel is a per-channel scale
+    # The crop is a view into the padded buffer; the add (or the copy) materialises it so the buffer is freed.
+    return y + bias.to(compute).view(-1, *([1] * len(plan.spatial))) if bias is not None else y.contiguous()
+
+
+def fft_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: ConvPlan, compute: torch.dtype) -> Tensor:
+    """The depthwise conv in the frequency domain, in ``compute`` precision.
+
+    Args:
+        x: [N, C, *spatial] or [N, 1, *spatial] (see ``apply_spectrum``).
+        weight: [C, 1, *k]; bias: [C] or None.
+
+    Returns:
+        [N, C, *spatial] in ``compute``, contiguous.
+    """
+    return apply_spectrum(x, prepared_spectrum(weight, plan, compute), bias, plan, compute)
+
+
+def fft_backward(grad_y: Tensor, x: Tensor, weight: Tensor, plan: ConvPlan, compute: torch.dtype,
+                  need_x: bool, need_w: bool) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of ``fft_forward`` with respect to x and the weight (None where not needed), in their dtypes.
+
+    The grad-output spectrum is shared by both gradients, and the weight gradient sums the batch in the frequency
+    domain (one inverse transform per channel, not per sample). A shared one-channel input gets the sum of its
+    filters' gradients before the single inverse transform.
+    """
+    shared_input = x.shape[1] == 1 and weight.shape[0] > 1
+    x_dtype, weight_dtype = x.dtype, weight.dtype
+    x, weight, grad_y = x.to(compute), weight.to(compute), grad_y.to(compute)
+    spatial_axes = tuple(range(2, x.ndim))
+    grad_x = grad_w = None
+    if need_w:
+        grad_w = torch.zeros_like(weight)
+    if not plan.dims:
+        if need_w:
+            taps = (grad_y * x).sum(dim=(0,) + spatial_axes)
+            grad_w[(slice(None), 0) + crop_slices(plan)] = taps.view(-1, *([1] * len(plan.spatial)))
+        if need_x:
+            grad_x = grad_y * kernel_spectrum(weight, plan)
+            grad_x = grad_x.sum(1, keepdim=True) if shared_input else grad_x
+    else:
+        shape = plan.fft_shape()
+        gyf = torch.fft.rfftn(grad_y, s=shape, dim=plan.dims)
+        if need_w:
+            xf = torch.fft.rfftn(x, s=shape, dim=plan.dims)
+            # X * conj(GY) as conj(conj(X) * GY): conjugating X in place (physically, see _fft_forward) needs no
+            # copy of the grad-output spectrum, and the second conjugate acts on the batch-summed spectrum only.
+            xf = xf.conj_physical_() * gyf if shared_input else xf.conj_physical_().mul_(gyf)
+            # Summing the batch (and untransformed axes) in the frequency domain leaves one inverse per channel.
+            untransformed = tuple(a for a in spatial_axes if a - x.ndim not in plan.dims)
+            cross = xf.sum(dim=(0,) + untransformed, keepdim=True).conj_physical_()
+            del xf
+            taps = gather_taps(torch.fft.irfftn(cross, s=shape, dim=plan.dims), plan)
+            grad_w[(slice(None), 0) + crop_slices(plan)] = taps[0]
+        if need_x:
+            gyf.mul_(kernel_spectrum(weight, plan))
+            if shared_input:  # x was broadcast to every filter: its gradient sums theirs
+                gyf = gyf.sum(1, keepdim=True)
+            grad_x = crop_to_input(torch.fft.irfftn(gyf, s=shape, dim=plan.dims), plan).contiguous()
+    return (None if grad_x is None else grad_x.to(x_dtype), None if grad_w is None else grad_w.to(weight_dtype))
