@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .blocks import ModulatedDepthwiseConv
 from .model_folder import CHECKPOINT_PATTERN, ModelFolder, ModelFolderError
 from .nnunet_compat import build_network, find_trainer_class
 
@@ -69,15 +70,24 @@ class CheckpointReport:
     max_relative_logit_difference: float
 
 
-def _verification_input(network: nn.Module, num_input_channels: int, patch_size: list[int]) -> torch.Tensor:
-    """A random input of the smallest spatial size every encoder stride divides (at most the patch size)."""
-    strides = getattr(getattr(network, "encoder", None), "strides", None)
-    if strides is None:
-        size = list(patch_size)
-    else:
-        total = [int(np.prod([s[i] for s in strides])) for i in range(len(patch_size))]
-        size = [min(p, 2 * t) for p, t in zip(patch_size, total)]
-    return torch.randn(1, num_input_channels, *size, generator=torch.Generator().manual_seed(0))
+def _verification_input(num_input_channels: int, patch_size: list[int]) -> torch.Tensor:
+    """A random input of the full patch size: the size prediction runs, where every kernel tap touches the input (on a
+    smaller input the deep stages' kernels are cropped to their central taps and their outer taps go unchecked)."""
+    return torch.randn(1, num_input_channels, *patch_size, generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def training_path_logits(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The logits with every large kernel built as a training step builds it (W * M computed in float32 in the
+    graph, no cache), the rest of the network in eval mode (norm statistics), without autograd's memory."""
+    convs = [m for m in network.modules() if isinstance(m, ModulatedDepthwiseConv)]
+    for conv in convs:
+        conv.training = True  # the attribute only: train() would also drop the eval caches
+    try:
+        return network(x)
+    finally:
+        for conv in convs:
+            conv.training = False
 
 
 def _plain(value):
@@ -116,7 +126,8 @@ def deploy_plans(folder: ModelFolder, checkpoint: dict, trainer_class: type, pla
 
 def fold_checkpoint(folder: ModelFolder, checkpoint_path: Path, plans: dict, tolerance: float = 1e-4
                     ) -> tuple[dict, CheckpointReport]:
-    """Folds one training checkpoint and checks the network nnU-Net will build from ``plans`` gives its logits.
+    """Folds one training checkpoint and checks that the network nnU-Net will build from ``plans`` gives its logits: at
+    the full patch size, against the float32 training-time forward (not the eval cache that folding shares).
 
     Returns:
         The deployable checkpoint (folded weights, nnU-Net's default trainer name, no optimizer state, plain types
@@ -139,11 +150,10 @@ def fold_checkpoint(folder: ModelFolder, checkpoint_path: Path, plans: dict, tol
     deployed = build_network(nnUNetTrainer, deploy_manager, deploy_manager.get_configuration(configuration_name),
                              folder.num_input_channels(checkpoint), folder.label_manager.num_segmentation_heads, False)
     patch_size = folder.configuration_manager(checkpoint).patch_size
-    first_conv = next(m for m in network.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)))
-    x = _verification_input(network, first_conv.in_channels, patch_size)
+    x = _verification_input(folder.num_input_channels(checkpoint), list(patch_size))
     parameters_before = count_parameters(network)
+    reference = training_path_logits(network.eval(), x)
     with torch.no_grad():
-        reference = network(x)
         fold(network)
         deployed.load_state_dict(network.state_dict())  # strict: the deploy form has exactly the folded parameters
         output = deployed.eval()(x)

@@ -91,3 +91,31 @@ def test_doctor_warns_when_nnunets_worker_pools_exceed_the_cores():
     assert "not set" in unset.what and "8 worker processes" in unset.what
     assert check_worker_processes({"nnUNet_def_n_proc": "2"}, cores=2).ok
     assert not check_worker_processes({"nnUNet_def_n_proc": "16"}, cores=4).ok
+
+
+def test_export_checks_every_kernel_tap_against_the_training_forward(tmp_path, monkeypatch):
+    """A fold that got the outermost taps of the large kernels wrong is caught: the check runs at the full patch size
+    (its input used to be two total strides wide, where those taps never touch the input) and against the float32
+    training forward (not the eval cache the fold shares with the trained network's eval path)."""
+    import torch
+
+    from rep3d_nnunet.blocks import ModulatedDepthwiseConv
+    from rep3d_nnunet.model_folder import ModelFolderError
+    from tests.nnunet_helpers import write_model_folder
+
+    folder = write_model_folder(tmp_path, "nnUNetTrainerRep3D")
+    original = ModulatedDepthwiseConv.reparameterize
+
+    @torch.no_grad()
+    def wrong_outer_taps(self):
+        original(self)
+        ring = torch.ones_like(self.weight, dtype=torch.bool)
+        ring[(slice(None), slice(None)) + tuple(slice(1, k - 1) if k > 1 else slice(None) for k in self.kernel_size)] \
+            = False
+        self.weight[ring] += 1.0
+
+    monkeypatch.setattr(ModulatedDepthwiseConv, "reparameterize", wrong_outer_taps)
+    output = tmp_path / "exported"
+    with pytest.raises(ModelFolderError, match="changed the logits"):
+        export_model_folder(folder, output)
+    assert not output.exists()
