@@ -6,10 +6,16 @@
 Sections (each a row group of the table; a section that fails is reported as such and the others still run):
     env        GPU, driver-visible versions: torch, CUDA, cuDNN, nnunetv2, rep3d_nnunet
     ops        depthwise 21^3 forward+backward, torch's direct conv vs the FFT op, fp32 and fp16 autocast
-    calibrate  the cost model's CUDA constants (backend_choice._by_key) fitted on this GPU (benchmarks/bench_ops.py --calibrate)
+    backends   the large-kernel backend decisions of a Rep3D training step at 128^3 under fp16 autocast, as
+               nnU-Net's run takes them (measured forward+backward of both backends per shape, backend_choice)
+    precision  fp16 autocast + GradScaler against fp32, every family (LRBM, fixed prior, vanilla, CSLA, UX-Net +
+               LRBM, DKA) and both backends: gradients of a step and predicted logits (benchmarks/bench_precision.py)
+    calibrate  the cost model's CUDA constants (backend_choice._by_key, which size the planner's FFT workspaces)
+               fitted on this GPU (benchmarks/bench_ops.py --calibrate)
     network    one nnU-Net training iteration at 128^3, batch 2, AMP (fp16 + GradScaler), eager and torch.compile'd:
                nnU-Net's PlainConvUNet vs Rep3D (LRBM) and Rep3D with plain kernels (modulation none); ms, peak
-               torch.cuda.max_memory_allocated, compile time (benchmarks/bench_network.py)
+               torch.cuda.max_memory_allocated beside nnU-Net's planner estimate (modelled), compile time
+               (benchmarks/bench_network.py)
     inference  nnU-Net's predictor per case, as nnUNetv2_predict runs it (weights loaded per fold and case, 8 mirror
                flips, fp16 autocast) with 1 and 5 folds, on a 128^3 patch of the default plan and on the MSD
                Hippocampus plan: PlainConvUNet, the Rep3D export and the Rep3D training folder
@@ -17,8 +23,8 @@ Sections (each a row group of the table; a section that fails is reported as suc
     train      nnUNetv2_train on a synthetic long-range dataset, -device cuda, torch.compile on (nnU-Net's default),
                2 epochs of 50 iterations: epoch times from nnU-Net's log, with and without the compile
 
-It refuses to run without CUDA. ``--device cpu --smoke`` runs every section but calibrate at toy sizes on the CPU
-(no compile: nnU-Net disables it there), to check the script itself; its figures mean nothing.
+It refuses to run without CUDA. ``--device cpu --smoke`` runs every section but calibrate and precision at toy sizes on
+the CPU (no compile: nnU-Net disables it there), to check the script itself; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-SECTIONS = ("env", "ops", "calibrate", "network", "inference", "train")
+SECTIONS = ("env", "ops", "backends", "precision", "calibrate", "network", "inference", "train")
 TRAIN_TRAINER = "nnUNetTrainerRep3DGPUCheck"
 TRAIN_DATASET_ID = 989
 
@@ -125,6 +131,46 @@ def section_ops(device, sizes, args) -> list[Row]:
     return rows
 
 
+def section_backends(device, sizes, args) -> list[Row]:
+    import torch
+    from bench_network import build, default_plan
+
+    from rep3d_nnunet import backend_choice
+
+    plan = default_plan(sizes.patch, sizes.max_features)
+    network = build("rep3d", plan).to(device)
+    backend_choice.forget_decisions()
+    policy = os.environ.get(backend_choice.POLICY_VARIABLE)
+    os.environ[backend_choice.POLICY_VARIABLE] = "measure"  # on the CPU smoke run too
+    try:
+        backend_choice.measure_network(network, (sizes.batch, 1, *plan["patch_size"]), device,
+                                       torch.float16 if device.type == "cuda" else None)
+    finally:
+        if policy is None:
+            os.environ.pop(backend_choice.POLICY_VARIABLE)
+        else:
+            os.environ[backend_choice.POLICY_VARIABLE] = policy
+    rows = []
+    for key, decision in backend_choice.decisions().items():
+        model = backend_choice.choose_backend((1, key.channels, *key.sample_shape[1:]), key.kernel,
+                                              device.type, dtype=key.dtype)
+        rows.append(Row("backends", key.describe(), decision.describe(),
+                        f"cost model: {model}" + ("" if model == decision.backend else " (differs)")))
+    backend_choice.forget_decisions()
+    return rows
+
+
+def section_precision(device, sizes, args) -> list[Row]:
+    from bench_precision import compare
+
+    # the CPU smoke run: torch's float16 direct 21^3 convolution needs tens of GB there
+    kernel = 7 if device.type == "cpu" else None
+    patch = 64 if device.type == "cuda" else 32
+    return [Row("precision", f"{r['family']}, {r['backend']}, fp16 autocast + GradScaler vs fp32, {patch}^3 plan",
+                f"gradients {100 * r['gradients']:.2f}%, logits {100 * r['logits']:.3f}%", "relative L2 error")
+            for r in compare(device, patch, 2, sizes.max_features, kernel)]
+
+
 def section_calibrate(device, sizes, args) -> list[Row]:
     from bench_ops import calibrate
 
@@ -139,7 +185,9 @@ def section_calibrate(device, sizes, args) -> list[Row]:
 
 
 def section_network(device, sizes, args) -> list[Row]:
-    from bench_network import default_plan, measure
+    from bench_network import build, default_plan, measure
+
+    from rep3d_nnunet.planning import estimate_gb
 
     plan = default_plan(sizes.patch, sizes.max_features)
     # the CPU smoke run without autocast: CPU autocast means bfloat16 convolutions, which cores without bf16 units run
@@ -147,6 +195,8 @@ def section_network(device, sizes, args) -> list[Row]:
     modes = [(True, False), (True, True)] if device.type == "cuda" else [(False, False)]
     variants = ["nnunet", "rep3d", "rep3d-none"]
     results = measure(device, plan, sizes.batch, variants, modes, max(sizes.repeats, 1), warmup=2)
+    modelled = {name: estimate_gb(build(name, plan).compute_conv_feature_map_size(plan["patch_size"]), sizes.batch,
+                                  3) for name in variants}
     rows = []
     for amp, compiled in modes:
         base = results.get(("nnunet", amp, compiled))
@@ -158,6 +208,7 @@ def section_network(device, sizes, args) -> list[Row]:
             notes = [f"{seconds / base[0]:.2f}x nnU-Net" if base else ""]
             if peak:
                 notes.append(f"peak {peak:.0f} MiB" + (f" ({peak / base[1]:.2f}x)" if base and base[1] else ""))
+            notes.append(f"planner's estimate {modelled[name]:.2f} GB (modelled)")
             if compiled and first is not None:
                 notes.append(f"compile {first - seconds:.0f} s")
             rows.append(Row("network", f"{name}, {plan['patch_size'][0]}^3 batch {sizes.batch}, "
@@ -249,8 +300,9 @@ def section_train(device, sizes, args) -> list[Row]:
     return rows
 
 
-RUNNERS = {"env": section_env, "ops": section_ops, "calibrate": section_calibrate, "network": section_network,
-           "inference": section_inference, "train": section_train}
+RUNNERS = {"env": section_env, "ops": section_ops, "backends": section_backends, "precision": section_precision,
+           "calibrate": section_calibrate, "network": section_network, "inference": section_inference,
+           "train": section_train}
 
 
 def run_sections(device, sizes: Sizes, sections, args) -> list[Row]:
@@ -310,7 +362,10 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as nnUNetTrainer sets it
     sizes = Sizes.for_run(args.smoke, args.patch, args.batch, args.repeats)
-    sections = [s for s in args.sections if not (args.smoke and device.type == "cpu" and s == "calibrate")]
+    # the CPU smoke run leaves out the cost-model fit and the float16 comparison (a CPU without float16 units runs
+    # float16 convolutions for minutes; tests/test_mixed_precision.py covers it at toy sizes)
+    sections = [s for s in args.sections
+                if not (args.smoke and device.type == "cpu" and s in ("calibrate", "precision"))]
     started = time.perf_counter()
     rows = run_sections(device, sizes, sections, args)
     rows.append(Row("total", "wall time", f"{time.perf_counter() - started:.0f} s"))

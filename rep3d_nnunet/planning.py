@@ -155,6 +155,13 @@ PLANNER_BUDGETS = {  # experiment_planner_used: (GB, 3D reference, 2D reference)
 _REFERENCE_BATCH = {3: 2, 2: 12}
 
 
+def estimate_gb(estimate_voxels: float, batch_size: int, dim: int, planner: str = "ExperimentPlanner") -> float:
+    """GPU memory on ``planner``'s scale: its reference estimate at its reference batch fills its target in GB."""
+    gb, reference_3d, reference_2d = PLANNER_BUDGETS[planner]
+    reference = reference_3d if dim == 3 else reference_2d
+    return float(estimate_voxels) * batch_size / (reference * _REFERENCE_BATCH[dim]) * gb
+
+
 @dataclass(frozen=True)
 class MemoryCheck:
     """The memory of a Rep3D network on a plan made for another network, estimated as nnU-Net's planner does.
@@ -196,16 +203,15 @@ def memory_check(plans_manager, configuration_manager, settings: Rep3DSettings, 
                                             configuration_manager.spacing, settings)
     rep3d = get_network_from_plans(REP3D_NETWORK_CLASS, kwargs, req_import, num_input_channels, num_output_channels,
                                    allow_init=False)
-    need = float(rep3d.compute_conv_feature_map_size(patch)) * batch
-    gb, reference_3d, reference_2d = PLANNER_BUDGETS.get(planner, PLANNER_BUDGETS["ExperimentPlanner"])
-    budget = (reference_3d if dim == 3 else reference_2d) * _REFERENCE_BATCH[dim]
-    target = gb
-    if planner not in PLANNER_BUDGETS:  # its target is unknown: what its own network needs surely fitted
-        own = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
-                                     architecture["_kw_requires_import"], num_input_channels, num_output_channels,
-                                     allow_init=False)
-        target = float(own.compute_conv_feature_map_size(patch)) * batch / budget * gb
-    return MemoryCheck(planner, target, need / budget * gb)
+    scale = planner if planner in PLANNER_BUDGETS else "ExperimentPlanner"
+    need = estimate_gb(rep3d.compute_conv_feature_map_size(patch), batch, dim, scale)
+    if planner in PLANNER_BUDGETS:
+        return MemoryCheck(planner, PLANNER_BUDGETS[planner][0], need)
+    # its target is unknown: what its own network needs surely fitted
+    own = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
+                                 architecture["_kw_requires_import"], num_input_channels, num_output_channels,
+                                 allow_init=False)
+    return MemoryCheck(planner, estimate_gb(own.compute_conv_feature_map_size(patch), batch, dim), need)
 
 
 def _jsonable(value):

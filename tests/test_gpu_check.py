@@ -22,7 +22,7 @@ def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 def test_help_lists_the_sections():
     result = _run("--help")
     assert result.returncode == 0
-    for section in ("ops", "calibrate", "network", "inference", "train"):
+    for section in ("ops", "backends", "precision", "calibrate", "network", "inference", "train"):
         assert section in result.stdout
 
 
@@ -48,13 +48,16 @@ def test_bad_arguments_are_refused(args, message):
 
 def test_smoke_run_of_the_sections_on_the_cpu(tmp_path):
     output = tmp_path / "gpu_check.json"
-    result = _run("--device", "cpu", "--smoke", "--sections", "env", "ops", "network", "inference", "--json",
-                  str(output), cwd=tmp_path)
+    result = _run("--device", "cpu", "--smoke", "--sections", "env", "ops", "backends", "network", "inference",
+                  "--json", str(output), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads(output.read_text())["rows"]
     assert not [r for r in rows if r["what"] == "failed"]
     sections = {r["section"] for r in rows}
-    assert {"env", "ops", "network", "inference", "total"} <= sections
+    assert {"env", "ops", "backends", "network", "inference", "total"} <= sections
+    decisions = [r for r in rows if r["section"] == "backends" and r["what"] != "section wall time"]
+    assert decisions and all("depthwise conv" in r["what"] or "fan_out conv" in r["what"] for r in decisions)
+    assert any("(measured forward+backward:" in r["value"] for r in decisions)
     network = [r for r in rows if r["section"] == "network" and r["what"].startswith("rep3d,")]
-    assert network and network[0]["value"].endswith(" ms")
+    assert network and network[0]["value"].endswith(" ms") and "planner's estimate" in network[0]["note"]
     assert "| section | what | value | note |" in result.stdout
