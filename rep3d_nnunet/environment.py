@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .nnunet_compat import external_trainer_folders, has_external_trainer_folders, nnunet_version
+from .nnunet_compat import external_trainer_folders, has_external_trainer_folders, nnunet_version, trainer_folder
 
 NNUNET_PATH_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 # In nnunetv2/training/nnUNetTrainer/variants/: searched after nnU-Net's base trainer and before its variant packages.
@@ -41,13 +41,6 @@ def __getattr__(name):
         raise AttributeError(name)
     return found
 '''
-
-
-def trainer_folder() -> Path:
-    """The installed ``nnUNet_trainers`` folder that ``nnUNet_extTrainer`` must list."""
-    import nnUNet_trainers
-
-    return Path(nnUNet_trainers.__file__).resolve().parent
 
 
 def trainer_folder_registered(environ: dict | None = None) -> bool:

@@ -30,6 +30,7 @@ import pkgutil
 import re
 import sys
 from importlib.metadata import version
+from pathlib import Path
 from typing import NamedTuple
 
 SUPPORTED_RANGE = ">=2.6.2,<2.9"
@@ -42,6 +43,13 @@ def nnunet_version() -> tuple[int, int, int]:
     """The installed nnunetv2 release as (major, minor, patch), read from its metadata (nnunetv2 is not imported)."""
     numbers = [int(n) for n in re.findall(r"\d+", version("nnunetv2"))[:3]]
     return tuple(numbers + [0] * (3 - len(numbers)))
+
+
+def trainer_folder() -> Path:
+    """The installed ``nnUNet_trainers`` folder, where our trainers live: what ``nnUNet_extTrainer`` must list."""
+    import nnUNet_trainers
+
+    return Path(nnUNet_trainers.__file__).resolve().parent
 
 
 def has_external_trainer_folders() -> bool:
@@ -114,8 +122,6 @@ def find_trainer_class(trainer_name: str) -> type:
     """
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
-
-    from .environment import trainer_folder
 
     if trainer_name == nnUNetTrainer.__name__:  # the default: no need to import every trainer module to find it
         return nnUNetTrainer
