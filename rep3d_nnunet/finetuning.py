@@ -36,7 +36,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .adapters import (
     AdapterSettings,
-    has_adapters,
     insert_adapters,
     is_adapter_parameter,
     is_head_parameter,

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernel_geometry import check_kernel_size
 from .ops import depthwise_conv, fan_out_conv
 
 MODULATION_MODES = ("lrbm", "fixed", "none", "csla")

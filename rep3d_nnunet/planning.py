@@ -237,7 +237,6 @@ def plan_and_preprocess(dataset_id: int, gpu_memory_gb: float = 8.0, plans_name:
     Returns:
         The plans identifier to pass as ``nnUNetv2_train ... -p``.
     """
-    from pathlib import Path
 
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, preprocess_dataset
 

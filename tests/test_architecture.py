@@ -10,32 +10,7 @@ from rep3d_nnunet.blocks import ModulatedDepthwiseConv, UXNetBlock
 from rep3d_nnunet.config import REP3D_NETWORK_CLASS, Rep3DSettings, rep3d_architecture, stage_kernel_sizes
 from rep3d_nnunet.training import build_optimizer
 from rep3d_nnunet.variants import METHODS, make_trainer_class
-
-PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
-
-
-def plain_plan_kwargs(dim: int = 3, features=(4, 8, 16)) -> dict:
-    """arch_kwargs in the form nnU-Net's default planner writes them (3 stages, first one anisotropic in 3D)."""
-    n = len(features)
-    if dim == 3:
-        kernels = [[1, 3, 3]] + [[3, 3, 3]] * (n - 1)
-        strides = [[1, 1, 1], [1, 2, 2]] + [[2, 2, 2]] * (n - 2)
-    else:
-        kernels, strides = [[3, 3]] * n, [[1, 1]] + [[2, 2]] * (n - 1)
-    return {
-        "n_stages": n, "features_per_stage": list(features), "conv_op": f"torch.nn.modules.conv.Conv{dim}d",
-        "kernel_sizes": kernels, "strides": strides, "n_conv_per_stage": [2] * n,
-        "n_conv_per_stage_decoder": [2] * (n - 1), "conv_bias": True,
-        "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dim}d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-        "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
-    }
-
-
-def build(settings: Rep3DSettings, dim: int = 3, patch=(8, 16, 16), deep_supervision=True, num_classes=3):
-    kwargs, req_import = rep3d_architecture(PLAIN, plain_plan_kwargs(dim), patch, [1.0] * dim, settings)
-    return get_network_from_plans(REP3D_NETWORK_CLASS, kwargs, req_import, 1, num_classes,
-                                  deep_supervision=deep_supervision)
-
+from tests.helpers import PLAIN, build, plain_plan_kwargs
 
 def test_kernels_are_capped_by_the_feature_map_and_flat_where_the_plan_is_flat():
     kernels = stage_kernel_sizes([8, 64, 64], [[1, 1, 1], [1, 2, 2], [2, 2, 2]], [[1, 3, 3], [3, 3, 3], [3, 3, 3]], 21)

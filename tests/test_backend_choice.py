@@ -161,10 +161,10 @@ def test_a_shape_first_met_while_compiling_is_decided_by_the_model_and_eager_agr
 
 def test_measuring_a_network_leaves_it_untouched(monkeypatch):
     """Our trainers measure every decision of a training step on a copy before the first (compiled) step."""
-    from tests.test_compile import PLANS, _configuration, build_network
+    from tests.helpers import PLANS, build_network, plan_configuration
 
     runs = _timed_runs(monkeypatch, {"direct": 0.001, "fft": 0.002})
-    configuration = _configuration(*PLANS["3d"])
+    configuration = plan_configuration(*PLANS["3d"])
     network = build_network("nnUNetTrainerRep3D", configuration)
     for module in network.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):

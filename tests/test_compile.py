@@ -18,53 +18,9 @@ import copy
 import pytest
 import torch
 import torch._dynamo
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from rep3d_nnunet.variants import make_trainer_class
-from tests.test_architecture import PLAIN, plain_plan_kwargs
-
-FAMILIES = {
-    "lrbm": "nnUNetTrainerRep3D",
-    "fixed": "nnUNetTrainerRep3DFixedPrior",
-    "vanilla": "nnUNetTrainerRep3DVanilla",
-    "csla": "nnUNetTrainerRep3DCSLA",
-    "uxnet_lrbm": "nnUNetTrainerUXNetLRBM",
-}
-# (dimension, patch, spacing): nnU-Net-style plans of three stages; the 3D ones start with a flat-z stage
-# (kernel 1x3x3, stride 1x2x2) as nnU-Net plans anisotropic data; "3d" is isotropic throughout.
-PLANS = {
-    "2d": (2, (16, 24), (1.0, 1.0)),
-    "3d": (3, (16, 16, 16), (1.0, 1.0, 1.0)),
-    "3d_anisotropic": (3, (8, 16, 16), (3.0, 0.8, 0.8)),
-}
-
-
-def _configuration(dim: int, patch, spacing, features=(4, 8, 16)) -> ConfigurationManager:
-    arch_kwargs = plain_plan_kwargs(dim, features)
-    if dim == 3 and spacing[0] == spacing[1]:  # isotropic: a cubic first stage
-        arch_kwargs["kernel_sizes"][0] = [3, 3, 3]
-        arch_kwargs["strides"][1] = [2, 2, 2]
-    return ConfigurationManager({
-        "patch_size": list(patch), "spacing": list(spacing), "batch_size": 2,
-        "architecture": {"network_class_name": PLAIN, "arch_kwargs": arch_kwargs,
-                         "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
-    })
-
-
-def build_network(trainer_name: str, configuration: ConfigurationManager, seed: int = 0,
-                  deep_supervision: bool = True) -> torch.nn.Module:
-    """The network nnUNetTrainer builds for ``trainer_name`` (one input channel, three classes)."""
-    torch.manual_seed(seed)
-    plans_manager = PlansManager({"configurations": {}})
-    return make_trainer_class(trainer_name).build_network_architecture(plans_manager, configuration, 1, 3,
-                                                                      deep_supervision)
-
-
-def _input(configuration: ConfigurationManager, batch: int, dtype=torch.float32) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(batch)
-    return torch.randn(batch, 1, *configuration.patch_size, generator=generator).to(dtype)
-
+from tests.helpers import FAMILIES, PLANS, assert_one_graph, build_network, plan_configuration, random_input
 
 CASES = [(family, plan) for family in FAMILIES for plan in PLANS]
 
@@ -81,23 +37,10 @@ def test_training_and_eval_forwards_are_one_graph(family, plan):
     if family == "paper":
         # the smallest patch the paper's network trains on: stride 32 on every axis, and a bottleneck of more than
         # one voxel (instance norm needs two)
-        trainer, configuration = "nnUNetTrainerRep3DPaper", _configuration(3, (64, 32, 32), (1.0,) * 3)
+        trainer, configuration = "nnUNetTrainerRep3DPaper", plan_configuration(3, (64, 32, 32), (1.0,) * 3)
     else:
-        trainer, configuration = FAMILIES[family], _configuration(*PLANS[plan])
-    assert_one_graph(build_network(trainer, configuration), _input(configuration, 2))
-
-
-def assert_one_graph(network: torch.nn.Module, x: torch.Tensor) -> None:
-    """torch._dynamo.explain of a training forward and of an eval (no_grad) forward: one graph, no break."""
-    for mode in ("train", "eval"):
-        getattr(network, mode)()
-        torch._dynamo.reset()
-        with torch.set_grad_enabled(mode == "train"):
-            explanation = torch._dynamo.explain(network)(x)
-        reasons = [r.reason.splitlines()[0] for r in explanation.break_reasons]
-        assert explanation.graph_break_count == 0, (mode, reasons)
-        assert explanation.graph_count == 1, mode
-    torch._dynamo.reset()
+        trainer, configuration = FAMILIES[family], plan_configuration(*PLANS[plan])
+    assert_one_graph(build_network(trainer, configuration), random_input(configuration, 2))
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
@@ -129,7 +72,7 @@ def _assert_step_equal(compiled, eager, tolerance: float) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_compiled_training_equals_eager_and_the_epoch_loop_does_not_recompile(family):
-    configuration = _configuration(*PLANS["3d_anisotropic"], features=(4, 8))  # two stages: half the tracing
+    configuration = plan_configuration(*PLANS["3d_anisotropic"], features=(4, 8))  # two stages: half the tracing
     network = build_network(FAMILIES[family], configuration)
     reference = copy.deepcopy(network)
     counter = CompileCounterWithBackend("aot_eager")
@@ -137,17 +80,17 @@ def test_compiled_training_equals_eager_and_the_epoch_loop_does_not_recompile(fa
 
     graphs = {}
     for batch in (2, 3, 4):  # the second size makes the batch axis dynamic; the third reuses that graph
-        x = _input(configuration, batch)
+        x = random_input(configuration, batch)
         _assert_step_equal(_training_step(network, compiled, x), _training_step(reference, reference, x), 1e-4)
     graphs["train"] = counter.frame_count
     network.eval(), reference.eval()
     with torch.no_grad():
         for batch in (2, 3, 4):
-            x = _input(configuration, batch)
+            x = random_input(configuration, batch)
             # eager eval uses its cached float64 mask, compiled eval recomputes it in the graph: the same values
             assert _relative(compiled(x)[0], reference(x)[0]) < 1e-5
     graphs["eval"] = counter.frame_count - graphs["train"]
-    x = _input(configuration, 2)
+    x = random_input(configuration, 2)
     _assert_step_equal(_training_step(network, compiled, x), _training_step(reference, reference, x), 1e-4)
     assert graphs["train"] <= 2 and graphs["eval"] <= 2, graphs
     assert counter.frame_count == graphs["train"] + graphs["eval"], "train -> eval -> train compiled again"
@@ -155,10 +98,10 @@ def test_compiled_training_equals_eager_and_the_epoch_loop_does_not_recompile(fa
 
 def test_inductor_compiled_training_step_equals_eager():
     """Real code generation (inductor's C++ backend): the FFT operator runs as an opaque call inside the graph."""
-    configuration = _configuration(3, (8, 16, 16), (3.0, 0.8, 0.8), features=(4, 8))
+    configuration = plan_configuration(3, (8, 16, 16), (3.0, 0.8, 0.8), features=(4, 8))
     network = build_network("nnUNetTrainerRep3D", configuration).double()
     reference = copy.deepcopy(network)
     compiled = torch.compile(network)
-    x = _input(configuration, 2, torch.float64)
+    x = random_input(configuration, 2, torch.float64)
     # float64: eager and compiled then agree to ~1e-15 wherever the graph is right
     _assert_step_equal(_training_step(network, compiled, x), _training_step(reference, reference, x), 1e-8)

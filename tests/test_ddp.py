@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from rep3d_nnunet.export import folded_copy
-from tests.test_compile import PLANS, _configuration, _input, build_network
+from tests.helpers import PLANS, build_network, plan_configuration, random_input
 
 TRAINERS = ("nnUNetTrainerRep3D", "nnUNetTrainerRep3DCSLA")
 BATCH = 4
@@ -48,12 +48,12 @@ def _worker(rank: int, world_size: int, port: int, trainer: str, result_file: st
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        configuration = _configuration(*PLANS["3d_anisotropic"])
+        configuration = plan_configuration(*PLANS["3d_anisotropic"])
         network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(build_network(trainer, configuration)).double()
         network.train()
         ddp = DistributedDataParallel(network)
         share = BATCH // world_size
-        x = _input(configuration, BATCH, torch.float64)[rank * share:(rank + 1) * share]
+        x = random_input(configuration, BATCH, torch.float64)[rank * share:(rank + 1) * share]
         grads = _steps(ddp, x)
         if rank == 0:
             torch.save(grads, result_file)
@@ -73,9 +73,9 @@ def test_two_ddp_workers_give_the_single_process_gradients(trainer, tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), trainer, result_file), nprocs=2, join=True)
     distributed = torch.load(result_file)
 
-    configuration = _configuration(*PLANS["3d_anisotropic"])
+    configuration = plan_configuration(*PLANS["3d_anisotropic"])
     network = build_network(trainer, configuration).double().train()
-    single = _steps(network, _input(configuration, BATCH, torch.float64))
+    single = _steps(network, random_input(configuration, BATCH, torch.float64))
     names = [name for name, _ in network.named_parameters()]
     largest = max(g.norm().item() for g in single[0])
     for step in range(STEPS):
@@ -95,7 +95,7 @@ def _randomise_batchnorm_statistics(network: torch.nn.Module) -> None:
 
 
 def test_a_network_with_syncbatchnorm_folds_with_equal_logits():
-    configuration = _configuration(*PLANS["3d_anisotropic"])
+    configuration = plan_configuration(*PLANS["3d_anisotropic"])
     kwargs = configuration.network_arch_init_kwargs
     kwargs["norm_op"] = "torch.nn.BatchNorm3d"
     kwargs["norm_op_kwargs"] = {"eps": 1e-5, "affine": True}
@@ -107,7 +107,7 @@ def test_a_network_with_syncbatchnorm_folds_with_equal_logits():
     folded = folded_copy(network)
     # the BatchNorm after each large depthwise conv is fused into it; the others stay
     assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in folded.modules()) < sync_norms
-    x = _input(configuration, 2)
+    x = random_input(configuration, 2)
     with torch.no_grad():
         expected, got = network(x)[0], folded(x)[0]
     assert ((got - expected).norm() / expected.norm()).item() < 1e-5

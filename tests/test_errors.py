@@ -13,7 +13,7 @@ import torch
 
 from rep3d_nnunet.cli import _LIBRARY_COMMANDS, main
 from rep3d_nnunet.export import export_model_folder
-from tests.nnunet_helpers import write_model_folder
+from tests.helpers import write_model_folder
 
 COMMANDS = ["env", "doctor", "trainers", *_LIBRARY_COMMANDS]
 

@@ -101,7 +101,7 @@ def test_export_checks_every_kernel_tap_against_the_training_forward(tmp_path, m
 
     from rep3d_nnunet.blocks import ModulatedDepthwiseConv
     from rep3d_nnunet.model_folder import ModelFolderError
-    from tests.nnunet_helpers import write_model_folder
+    from tests.helpers import write_model_folder
 
     folder = write_model_folder(tmp_path, "nnUNetTrainerRep3D")
     original = ModulatedDepthwiseConv.reparameterize

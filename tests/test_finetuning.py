@@ -24,11 +24,11 @@ from rep3d_nnunet.export import folded_copy
 from rep3d_nnunet.finetuning import FinetuneOptimizer, SourceCheckpointError, check_source, trainable_parameter_groups
 from rep3d_nnunet.splits import make_split
 from rep3d_nnunet.variants import METHODS, make_trainer_class
-from tests.test_compile import PLANS, _configuration, _input, assert_one_graph, build_network
+from tests.helpers import PLANS, assert_one_graph, build_network, plan_configuration, random_input
 
 
 def _plain_network(plan: str = "3d_anisotropic", seed: int = 0) -> tuple[torch.nn.Module, object]:
-    configuration = _configuration(*PLANS[plan])
+    configuration = plan_configuration(*PLANS[plan])
     torch.manual_seed(seed)
     network = nnunet_compat.build_network(nnUNetTrainer, PlansManager({"configurations": {}}), configuration, 1, 3,
                                           True)
@@ -39,7 +39,7 @@ def _plain_network(plan: str = "3d_anisotropic", seed: int = 0) -> tuple[torch.n
 def test_adapters_keep_the_source_keys_and_start_as_the_identity(plan):
     network, configuration = _plain_network(plan)
     source_keys = set(network.state_dict())
-    x = _input(configuration, 2)
+    x = random_input(configuration, 2)
     network.eval()
     with torch.no_grad():
         before = network(x)[0]
@@ -80,7 +80,7 @@ def _trainable_step(network, configuration, settings):
     optimizer = torch.optim.AdamW(groups)
     before = {k: v.clone() for k, v in network.state_dict().items()}
     network.train()
-    outputs = network(_input(configuration, 2))
+    outputs = network(random_input(configuration, 2))
     sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outputs).backward()
     optimizer.step()
     return before, network.state_dict(), {id(p): g["lr"] for g in groups for p in g["params"]}
@@ -123,7 +123,7 @@ def test_full_finetuning_trains_everything_and_linear_probing_the_head_only():
 
 @pytest.mark.parametrize("trainer", ["nnUNetTrainer", "nnUNetTrainerRep3D"])
 def test_folding_merges_the_two_kernels_exactly(trainer):
-    configuration = _configuration(*PLANS["3d_anisotropic"])
+    configuration = plan_configuration(*PLANS["3d_anisotropic"])
     if trainer == "nnUNetTrainer":
         network, _ = _plain_network()
     else:
@@ -137,7 +137,7 @@ def test_folding_merges_the_two_kernels_exactly(trainer):
     folded = folded_copy(network)
     adapter_convs = [m for n, m in folded.named_modules() if n.endswith(f"{ADAPTER_NAME}.spatial")]
     assert adapter_convs and all(m.is_folded and m.small_weight is None for m in adapter_convs)
-    x = _input(configuration, 2)
+    x = random_input(configuration, 2)
     with torch.no_grad():
         expected, got = network(x)[0], folded(x)[0]
     assert ((got - expected).norm() / expected.norm()).item() < 1e-5
@@ -147,7 +147,7 @@ def test_folding_merges_the_two_kernels_exactly(trainer):
 def test_the_adapted_network_is_one_graph(plan):
     network, configuration = _plain_network(plan)
     insert_adapters(network, AdapterSettings(), configuration.patch_size)
-    assert_one_graph(network, _input(configuration, 2))
+    assert_one_graph(network, random_input(configuration, 2))
 
 
 def _checkpoint(network, configuration="3d_fullres"):
@@ -170,7 +170,7 @@ def test_source_checks_name_configuration_plan_and_fine_tuned_sources():
         check_source(network, _checkpoint(adapted), "source.pth", "3d_fullres")
     # a source with other classes: nnU-Net does not transfer the segmentation layers, neither do we check them
     with_other_classes = nnunet_compat.build_network(
-        nnUNetTrainer, PlansManager({"configurations": {}}), _configuration(*PLANS["3d_anisotropic"]), 1, 5, True)
+        nnUNetTrainer, PlansManager({"configurations": {}}), plan_configuration(*PLANS["3d_anisotropic"]), 1, 5, True)
     check_source(network, _checkpoint(with_other_classes), "source.pth", "3d_fullres")
 
 

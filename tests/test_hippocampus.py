@@ -17,7 +17,7 @@ import SimpleITK as sitk
 import torch
 
 from rep3d_nnunet.datasets.hippocampus import SUBSET, move_held_out_cases
-from tests.nnunet_helpers import (
+from tests.helpers import (
     TINY_DKA_TRAINER,
     TINY_PLAIN_TRAINER,
     TINY_TRAINER,

@@ -31,8 +31,8 @@ from rep3d_nnunet.inspection import (
     write_erf,
     write_masks,
 )
-from tests.nnunet_helpers import CONFIGURATIONS, write_model_folder
-from tests.test_architecture import build
+from tests.helpers import CONFIGURATIONS, write_model_folder
+from tests.helpers import build
 
 
 

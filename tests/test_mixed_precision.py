@@ -26,7 +26,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from rep3d_nnunet import nnunet_compat
 from rep3d_nnunet.adapters import AdapterSettings, insert_adapters
 from rep3d_nnunet.blocks import ModulatedDepthwiseConv
-from tests.test_compile import PLANS, _configuration, build_network
+from tests.helpers import PLANS, build_network, plan_configuration
 
 FAMILIES = {
     "LRBM": "nnUNetTrainerRep3D",
@@ -101,7 +101,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _errors(family: str, backend: str, dtype: torch.dtype, seeds=(0, 1, 2)) -> tuple[float, float]:
     """Mean relative error of a training step's gradients and of predicted logits against float32, over inputs."""
-    configuration = _configuration(*PLANS["3d_anisotropic"])
+    configuration = plan_configuration(*PLANS["3d_anisotropic"])
     network = _network(family, backend, configuration)
     output_dtypes = []
     hooks = [m.register_forward_hook(lambda module, args, out: output_dtypes.append(out.dtype))

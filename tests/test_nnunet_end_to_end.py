@@ -16,7 +16,7 @@ import SimpleITK as sitk
 import torch
 
 from rep3d_nnunet.datasets.synthetic import generate_synthetic_dataset
-from tests.nnunet_helpers import (
+from tests.helpers import (
     TINY_DKA_TRAINER,
     TINY_TRAINER,
     nnunet_environment,

@@ -17,7 +17,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from rep3d_nnunet import environment, nnunet_compat
 from rep3d_nnunet.nnunet_compat import BUILD_INPUTS_KEY, find_trainer_class, record_build_inputs
-from tests.nnunet_helpers import CONFIGURATIONS, tiny_plans
+from tests.helpers import CONFIGURATIONS, tiny_plans
 
 PACKAGE = Path(nnunet_compat.__file__).parent
 # Only the command line (the top floor) may import the variant table; everything else finds classes by name.

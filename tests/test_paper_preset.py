@@ -14,8 +14,8 @@ from rep3d_nnunet.config import PAPER_FEATURES, Rep3DSettings, paper_topology, r
 from rep3d_nnunet.preprocessing import PAPER_PRESETS, PaperWindowNormalization
 from rep3d_nnunet.training import parameter_groups
 from rep3d_nnunet.variants import METHODS, PAPER_SCHEDULE, make_trainer_class
-from tests.nnunet_helpers import TINY_TRAINER, nnunet_environment, run, training_environment, write_tiny_trainer
-from tests.test_architecture import PLAIN, plain_plan_kwargs
+from tests.helpers import TINY_TRAINER, nnunet_environment, run, training_environment, write_tiny_trainer
+from tests.helpers import PLAIN, plain_plan_kwargs
 
 PAPER_TRAINERS = [name for name in METHODS if name.startswith("nnUNetTrainerRep3DPaper")]
 

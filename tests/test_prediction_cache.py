@@ -17,7 +17,7 @@ from rep3d_nnunet.blocks import ModulatedDepthwiseConv
 from rep3d_nnunet.config import Rep3DSettings
 from rep3d_nnunet.export import fold
 from rep3d_nnunet.modulation import KernelModulation
-from tests.test_architecture import build
+from tests.helpers import build
 
 PATCH = (8, 16, 16)
 

@@ -1,4 +1,6 @@
-"""Running nnU-Net's own commands against a throwaway nnU-Net tree, as a user would; model folders without training."""
+"""What the tests share: nnU-Net-style plans and the networks nnU-Net builds from them, torch.compile's one-graph
+check, and nnU-Net's own commands against a throwaway nnU-Net tree as a user would run them (model folders written
+without training). The one helper module: no test module imports another."""
 
 from __future__ import annotations
 
@@ -11,10 +13,100 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._dynamo
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+from rep3d_nnunet.config import REP3D_NETWORK_CLASS, Rep3DSettings, rep3d_architecture
+from rep3d_nnunet.variants import make_trainer_class
 
 from rep3d_nnunet.environment import sync_external_trainer_module, trainer_folder
 from rep3d_nnunet.nnunet_compat import nnunet_version
-from tests.test_architecture import PLAIN, plain_plan_kwargs
+
+# ---- plans and networks, as nnU-Net builds them ----
+
+PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+
+
+def plain_plan_kwargs(dim: int = 3, features=(4, 8, 16)) -> dict:
+    """arch_kwargs in the form nnU-Net's default planner writes them (3 stages, first one anisotropic in 3D)."""
+    n = len(features)
+    if dim == 3:
+        kernels = [[1, 3, 3]] + [[3, 3, 3]] * (n - 1)
+        strides = [[1, 1, 1], [1, 2, 2]] + [[2, 2, 2]] * (n - 2)
+    else:
+        kernels, strides = [[3, 3]] * n, [[1, 1]] + [[2, 2]] * (n - 1)
+    return {
+        "n_stages": n, "features_per_stage": list(features), "conv_op": f"torch.nn.modules.conv.Conv{dim}d",
+        "kernel_sizes": kernels, "strides": strides, "n_conv_per_stage": [2] * n,
+        "n_conv_per_stage_decoder": [2] * (n - 1), "conv_bias": True,
+        "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dim}d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+        "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
+    }
+
+
+def build(settings: Rep3DSettings, dim: int = 3, patch=(8, 16, 16), deep_supervision=True, num_classes=3):
+    kwargs, req_import = rep3d_architecture(PLAIN, plain_plan_kwargs(dim), patch, [1.0] * dim, settings)
+    return get_network_from_plans(REP3D_NETWORK_CLASS, kwargs, req_import, 1, num_classes,
+                                  deep_supervision=deep_supervision)
+
+
+FAMILIES = {
+    "lrbm": "nnUNetTrainerRep3D",
+    "fixed": "nnUNetTrainerRep3DFixedPrior",
+    "vanilla": "nnUNetTrainerRep3DVanilla",
+    "csla": "nnUNetTrainerRep3DCSLA",
+    "uxnet_lrbm": "nnUNetTrainerUXNetLRBM",
+}
+# (dimension, patch, spacing): nnU-Net-style plans of three stages; the 3D ones start with a flat-z stage
+# (kernel 1x3x3, stride 1x2x2) as nnU-Net plans anisotropic data; "3d" is isotropic throughout.
+PLANS = {
+    "2d": (2, (16, 24), (1.0, 1.0)),
+    "3d": (3, (16, 16, 16), (1.0, 1.0, 1.0)),
+    "3d_anisotropic": (3, (8, 16, 16), (3.0, 0.8, 0.8)),
+}
+
+
+def plan_configuration(dim: int, patch, spacing, features=(4, 8, 16)) -> ConfigurationManager:
+    arch_kwargs = plain_plan_kwargs(dim, features)
+    if dim == 3 and spacing[0] == spacing[1]:  # isotropic: a cubic first stage
+        arch_kwargs["kernel_sizes"][0] = [3, 3, 3]
+        arch_kwargs["strides"][1] = [2, 2, 2]
+    return ConfigurationManager({
+        "patch_size": list(patch), "spacing": list(spacing), "batch_size": 2,
+        "architecture": {"network_class_name": PLAIN, "arch_kwargs": arch_kwargs,
+                         "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
+    })
+
+
+def build_network(trainer_name: str, configuration: ConfigurationManager, seed: int = 0,
+                  deep_supervision: bool = True) -> torch.nn.Module:
+    """The network nnUNetTrainer builds for ``trainer_name`` (one input channel, three classes)."""
+    torch.manual_seed(seed)
+    plans_manager = PlansManager({"configurations": {}})
+    return make_trainer_class(trainer_name).build_network_architecture(plans_manager, configuration, 1, 3,
+                                                                      deep_supervision)
+
+
+def random_input(configuration: ConfigurationManager, batch: int, dtype=torch.float32) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(batch)
+    return torch.randn(batch, 1, *configuration.patch_size, generator=generator).to(dtype)
+
+
+def assert_one_graph(network: torch.nn.Module, x: torch.Tensor) -> None:
+    """torch._dynamo.explain of a training forward and of an eval (no_grad) forward: one graph, no break."""
+    for mode in ("train", "eval"):
+        getattr(network, mode)()
+        torch._dynamo.reset()
+        with torch.set_grad_enabled(mode == "train"):
+            explanation = torch._dynamo.explain(network)(x)
+        reasons = [r.reason.splitlines()[0] for r in explanation.break_reasons]
+        assert explanation.graph_break_count == 0, (mode, reasons)
+        assert explanation.graph_count == 1, mode
+    torch._dynamo.reset()
+
+
+# ---- nnU-Net's commands against a throwaway tree ----
 
 TINY_TRAINER = "nnUNetTrainerRep3DTestTiny"
 # nnU-Net's recommended way to add a trainer: a file in a folder listed in nnUNet_extTrainer. Epochs and iterations
