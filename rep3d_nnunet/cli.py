@@ -38,11 +38,15 @@ def _cmd_doctor(args) -> int:
 
 
 def _cmd_trainers(args) -> int:
-    from .variants import METHODS, SCHEDULES
+    from .variants import METHODS, SCHEDULES, trainer_names
 
+    if args.all:
+        print("\n".join(trainer_names()))
+        return 0
     for name, method in METHODS.items():
         print(f"{name}: {method.description}")
     print("Schedule suffixes (nnU-Net style): " + ", ".join(s for s in SCHEDULES if s))
+    print(f"({len(trainer_names())} trainer names in all: rep3d-nnunet trainers --all)")
     return 0
 
 
@@ -100,7 +104,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                                          "module (use: eval \"$(rep3d-nnunet env --undo)\")")
     env.set_defaults(run=_cmd_env)
     commands.add_parser("doctor", help="check the setup and say what is wrong in plain words").set_defaults(run=_cmd_doctor)
-    commands.add_parser("trainers", help="list the Rep3D trainer variants").set_defaults(run=_cmd_trainers)
+    trainers = commands.add_parser("trainers", help="list the Rep3D trainer variants")
+    trainers.add_argument("--all", action="store_true", help="every trainer name, methods x schedule suffixes")
+    trainers.set_defaults(run=_cmd_trainers)
 
     for name, spec in _LIBRARY_COMMANDS.items():
         sub = commands.add_parser(name, help=spec.help)

@@ -1,7 +1,7 @@
 """One table of named trainer variants, in nnU-Net's naming (``nnUNetTrainerRep3D_250epochs``).
 
 A trainer name is a method (``METHODS``) optionally followed by a schedule suffix (``SCHEDULES``), nnU-Net's benchmark
-suffixes included (``nnUNetTrainerRep3DBenchmark_5epochs``). The classes are generated here and published by
+suffixes included (``nnUNetTrainerRep3DBenchmark_5epochs``). The classes are made here, on demand, and published by
 ``nnUNet_trainers/nnUNetTrainerRep3D.py``, where nnU-Net's trainer lookup finds them through the
 ``nnUNet_extTrainer`` environment variable.
 """
@@ -208,7 +208,3 @@ def make_trainer_class(name: str) -> type:
         f"Unknown Rep3D trainer variant {name!r}. Methods: {', '.join(METHODS)}; optional schedule suffixes: "
         f"{', '.join(s for s in SCHEDULES if s)}. Example: nnUNetTrainerRep3D_250epochs."
     )
-
-
-def all_trainer_classes() -> dict[str, type]:
-    return {name: make_trainer_class(name) for name in trainer_names()}

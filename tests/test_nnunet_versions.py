@@ -8,6 +8,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,35 @@ def test_env_and_its_undo_print_shell_lines(module_path, monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert out.strip() == "export nnUNet_extTrainer=/other/trainers" and "removed" in err
     assert not module_path.exists()
+
+
+def test_trainers_are_made_when_nnunet_asks_for_them():
+    """nnU-Net's own lookup (recursive_find_python_class over the nnUNet_extTrainer folder) finds every name of the
+    variant table, a process makes only the classes it asks for, and the same class each time."""
+    probe = textwrap.dedent("""
+        import sys
+        from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+        from rep3d_nnunet.nnunet_compat import trainer_folder
+        from rep3d_nnunet.variants import trainer_names
+        first = recursive_find_python_class(str(trainer_folder()), "nnUNetTrainerRep3DFixedPrior_250epochs",
+                                            "nnUNet_trainers")
+        module = sys.modules["nnUNet_trainers.nnUNetTrainerRep3D"]
+        made = sorted(k for k, v in vars(module).items() if isinstance(v, type) and v.__module__ == module.__name__)
+        assert made == ["nnUNetTrainerRep3DFixedPrior_250epochs"], made
+        again = recursive_find_python_class(str(trainer_folder()), "nnUNetTrainerRep3DFixedPrior_250epochs",
+                                            "nnUNet_trainers")
+        assert again is first and first.num_epochs_override == 250 and first.rep3d.modulation == "fixed"
+        assert recursive_find_python_class(str(trainer_folder()), "nnUNetTrainerRep3D_3epochs", "nnUNet_trainers") \\
+            is None
+        names = trainer_names()
+        assert sorted(module.__all__) == sorted(names) and set(names) <= set(dir(module))
+        assert all(isinstance(getattr(module, name), type) for name in names)
+        print(len(names))
+    """)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout.strip()) == 861
+    command = str(Path(sys.executable).parent / "rep3d-nnunet")
+    listed = subprocess.run([command, "trainers", "--all"], capture_output=True, text=True)
+    assert listed.returncode == 0 and len(listed.stdout.split()) == 861
+    assert "(861 trainer names in all" in subprocess.run([command, "trainers"], capture_output=True, text=True).stdout
