@@ -23,10 +23,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from dynamic_network_architectures.building_blocks.helper import maybe_convert_scalar_to_list
 from torch import nn
 
 from .blocks import ModulatedDepthwiseConv
-from .kernel_geometry import check_kernel_size
+from .kernel_geometry import check_kernel_size, stage_kernel_sizes
 
 ADAPTER_NAME = "dka_adapter"
 ADAPTER_KINDS = ("dual", "large", "small", "bottleneck", "none")
@@ -43,7 +44,7 @@ class AdapterSettings:
             ``bottleneck`` (a standard adapter: no spatial kernel), ``none`` (no adapter: linear probing or full
             fine-tuning).
         large_kernel_2d, large_kernel_3d: the large kernel per axis (paper, 2D: 51); capped per stage by the feature
-            map as the Rep3D kernels are (``config.stage_kernel_sizes``), 1 on the plan's flat axes.
+            map as the Rep3D kernels are (``kernel_geometry.stage_kernel_sizes``), 1 on the plan's flat axes.
         small_kernel: the small kernel per axis (paper: 5).
         reduction: d = max(C // reduction, min_hidden) channels inside an adapter on a stage of C channels.
         min_hidden: lower bound of d.
@@ -151,24 +152,6 @@ def encoder_stages(network: nn.Module) -> list[nn.Module]:
     return list(stages)
 
 
-def stage_feature_maps(network: nn.Module, patch_size: Sequence[int]) -> list[list[int]]:
-    """Spatial size of each encoder stage's output for a patch (from the encoder's strides)."""
-    sizes, current = [], list(patch_size)
-    for stride in network.encoder.strides:
-        stride = [stride] * len(current) if isinstance(stride, int) else list(stride)
-        current = [c // s for c, s in zip(current, stride)]
-        sizes.append(current)
-    return sizes
-
-
-def adapter_large_kernel(settings: AdapterSettings, feature_map: Sequence[int], plan_kernel: Sequence[int]
-                         ) -> list[int]:
-    """The large kernel per axis of one stage's adapter: capped at 2 * D - 1 (wider taps only ever meet padding),
-    1 where the plan's kernel is 1 (anisotropic stages keep their flat axis), as ``config.stage_kernel_sizes``."""
-    dim = len(feature_map)
-    return [1 if pk == 1 else min(settings.large_kernel(dim), 2 * d - 1) for d, pk in zip(feature_map, plan_kernel)]
-
-
 def insert_adapters(network: nn.Module, settings: AdapterSettings, patch_size: Sequence[int],
                     deploy: bool = False) -> nn.Module:
     """Adds a ``dka_adapter`` at the end of every encoder stage, in place; returns the network.
@@ -184,14 +167,14 @@ def insert_adapters(network: nn.Module, settings: AdapterSettings, patch_size: S
         raise ValueError("The network already has adapters.")
     reference = next(network.parameters())
     dim = len(patch_size)
-    stages = encoder_stages(network)
-    for index, (stage, size) in enumerate(zip(stages, stage_feature_maps(network, patch_size))):
-        plan_kernel = network.encoder.kernel_sizes[index]
-        plan_kernel = [plan_kernel] * dim if isinstance(plan_kernel, int) else list(plan_kernel)
+    encoder = network.encoder
+    kernels = stage_kernel_sizes(patch_size, [maybe_convert_scalar_to_list(encoder.conv_op, s) for s in encoder.strides],
+                                 [maybe_convert_scalar_to_list(encoder.conv_op, k) for k in encoder.kernel_sizes],
+                                 settings.large_kernel(dim))
+    for index, (stage, kernel) in enumerate(zip(encoder_stages(network), kernels)):
         channels = int(network.encoder.output_channels[index])
         hidden = max(channels // settings.reduction, settings.min_hidden)
-        adapter = DualKernelAdapter(channels, hidden, dim, settings.kind,
-                                    adapter_large_kernel(settings, size, plan_kernel), settings.small_kernel, deploy)
+        adapter = DualKernelAdapter(channels, hidden, dim, settings.kind, kernel, settings.small_kernel, deploy)
         _stage_sequential(stage).add_module(ADAPTER_NAME, adapter.to(device=reference.device, dtype=reference.dtype))
     return network
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from .backend_choice import BACKENDS
 from .blocks import KERNEL_INITS
-from .kernel_geometry import check_kernel_size
+from .kernel_geometry import check_kernel_size, stage_kernel_sizes
 from .modulation import check_generator, check_modulation_mode
 
 REP3D_NETWORK_CLASS = "rep3d_nnunet.architecture.Rep3DUNet"
@@ -38,7 +38,8 @@ class Rep3DSettings:
     Attributes:
         block: ``rep3d`` (modulated depthwise conv -> norm -> GELU) or ``uxnet`` (3D UX-Net block).
         modulation: ``lrbm``, ``fixed``, ``none`` or ``csla``.
-        kernel_size: requested large kernel per axis; capped per stage by the feature map (see ``stage_kernel_sizes``).
+        kernel_size: requested large kernel per axis; capped per stage by the feature map (see
+            ``kernel_geometry.stage_kernel_sizes``).
         blocks_per_stage: Rep3D/UX-Net blocks after each stage's strided conv.
         generator_depth, generator_kernel: LRBM generator (paper defaults 2 and 7).
         small_kernel, csla_scales: CSLA small branch size and branch scales (aL, aS).
@@ -87,40 +88,6 @@ class Rep3DSettings:
 
     def replace(self, **changes) -> "Rep3DSettings":
         return dataclasses.replace(self, **changes)
-
-
-def stage_feature_map_sizes(patch_size: Sequence[int], strides: Sequence[Sequence[int]]) -> list[list[int]]:
-    """Spatial size of each encoder stage's output for a given patch.
-
-    Raises:
-        ValueError: the patch is not divisible by the network's total stride on some axis.
-    """
-    total_stride = np.prod(np.array(strides), axis=0)
-    if any(p % s for p, s in zip(patch_size, total_stride)):
-        raise ValueError(
-            f"Patch size {list(patch_size)} is too small or not divisible by the network's total stride "
-            f"{total_stride.tolist()} (the product of the plan's strides). Fix: use a patch that is a multiple of "
-            f"the total stride on every axis, or re-plan (nnUNetv2_plan_and_preprocess / rep3d-nnunet plan)."
-        )
-    sizes, current = [], list(patch_size)
-    for stride in strides:
-        current = [c // s for c, s in zip(current, stride)]
-        sizes.append(current)
-    return sizes
-
-
-def stage_kernel_sizes(patch_size: Sequence[int], strides: Sequence[Sequence[int]],
-                       plan_kernel_sizes: Sequence[Sequence[int]], requested: int) -> list[list[int]]:
-    """Large kernel per stage and axis: ``requested``, capped by what the feature map can use, 1 on flat axes.
-
-    On an axis of length D only taps within D - 1 of the centre can touch the input, so a kernel wider than
-    2 * D - 1 only adds taps that are always zero-padded. Axes where the plan's kernel is 1 (anisotropic stages)
-    stay 1, as in nnU-Net's own network.
-    """
-    kernels = []
-    for size, plan_kernel in zip(stage_feature_map_sizes(patch_size, strides), plan_kernel_sizes):
-        kernels.append([1 if pk == 1 else min(requested, 2 * d - 1) for d, pk in zip(size, plan_kernel)])
-    return kernels
 
 
 # The paper's encoder (Table 5, appendix A.4) as an nnU-Net topology. nnU-Net's decoder needs a full-resolution

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Sequence
 
+import numpy as np
+
 
 def check_kernel_size(kernel_size: int | Sequence[int], dim: int) -> tuple[int, ...]:
     """Expands an int to ``dim`` axes and checks that every axis is a positive odd number.
@@ -111,3 +113,37 @@ def fft_workspace_voxels(spatial_shape: Sequence[int], kernel_size: int | Sequen
     last = plan.dims[-1]
     spectrum_complex = padded // plan.fft_sizes[last] * (plan.fft_sizes[last] // 2 + 1)
     return 4 * 2 * spectrum_complex + padded
+
+
+def stage_feature_map_sizes(patch_size: Sequence[int], strides: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Spatial size of each encoder stage's output for a given patch.
+
+    Raises:
+        ValueError: the patch is not divisible by the network's total stride on some axis.
+    """
+    total_stride = np.prod(np.array(strides), axis=0)
+    if any(p % s for p, s in zip(patch_size, total_stride)):
+        raise ValueError(
+            f"Patch size {list(patch_size)} is too small or not divisible by the network's total stride "
+            f"{total_stride.tolist()} (the product of the plan's strides). Fix: use a patch that is a multiple of "
+            f"the total stride on every axis, or re-plan (nnUNetv2_plan_and_preprocess / rep3d-nnunet plan)."
+        )
+    sizes, current = [], list(patch_size)
+    for stride in strides:
+        current = [c // s for c, s in zip(current, stride)]
+        sizes.append(current)
+    return sizes
+
+
+def stage_kernel_sizes(patch_size: Sequence[int], strides: Sequence[Sequence[int]],
+                       plan_kernel_sizes: Sequence[Sequence[int]], requested: int) -> list[list[int]]:
+    """Large kernel per stage and axis: ``requested``, capped by what the feature map can use, 1 on flat axes.
+
+    On an axis of length D only taps within D - 1 of the centre can touch the input, so a kernel wider than
+    2 * D - 1 only adds taps that are always zero-padded. Axes where the plan's kernel is 1 (anisotropic stages)
+    stay 1, as in nnU-Net's own network.
+    """
+    kernels = []
+    for size, plan_kernel in zip(stage_feature_map_sizes(patch_size, strides), plan_kernel_sizes):
+        kernels.append([1 if pk == 1 else min(requested, 2 * d - 1) for d, pk in zip(size, plan_kernel)])
+    return kernels

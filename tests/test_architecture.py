@@ -7,7 +7,8 @@ import torch
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from rep3d_nnunet.blocks import ModulatedDepthwiseConv, UXNetBlock
-from rep3d_nnunet.config import REP3D_NETWORK_CLASS, Rep3DSettings, rep3d_architecture, stage_kernel_sizes
+from rep3d_nnunet.config import REP3D_NETWORK_CLASS, Rep3DSettings, rep3d_architecture
+from rep3d_nnunet.kernel_geometry import stage_kernel_sizes
 from rep3d_nnunet.training import build_optimizer
 from rep3d_nnunet.variants import METHODS, make_trainer_class
 from tests.helpers import PLAIN, build, plain_plan_kwargs
