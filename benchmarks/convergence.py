@@ -55,6 +55,8 @@ class Contender:
     # further changes to a Rep3D variant's settings and optimizer (pairs of Rep3DSettings / OptimizerSettings fields)
     rep3d: tuple[tuple[str, object], ...] = ()
     optim: tuple[tuple[str, object], ...] = ()
+    # attributes set on the trainer after nnU-Net's __init__ (e.g. nnUNetTrainer_warmup's warmup_duration_whole_net)
+    attributes: tuple[tuple[str, object], ...] = ()
 
 
 CONTENDERS = (
@@ -187,6 +189,8 @@ def trainer_class(contender: Contender, epochs: int, iterations: int, probes: li
             self.num_epochs = epochs
             self.num_iterations_per_epoch = iterations
             self.num_val_iterations_per_epoch = 2
+            for name, value in contender.attributes:
+                setattr(self, name, value)
             self.save_every = 10 ** 6  # checkpoints cost time and disk; the probe records what we need
             self.probe_records: list[dict] = []
             self.probe_seconds = 0.0
