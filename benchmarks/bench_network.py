@@ -170,7 +170,7 @@ def measure(device: torch.device, plan: dict, batch: int, variants, modes, repea
         for name in variants:
             if name.endswith(":direct") and device.type == "cpu" and plan["patch_size"][0] > 32:
                 print(f"skipping {name} at {plan['patch_size']} on CPU: torch's direct 21^3 depthwise backward "
-                      f"takes minutes per iteration (DESIGN.md section 3)")
+                      f"takes minutes per iteration (docs/design.md, section 5)")
                 continue
             network = build(name, plan).to(device)
             try:

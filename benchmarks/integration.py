@@ -6,7 +6,7 @@ nnU-Net's ``prepare_integration_tests.sh`` and ``run_integration_test.sh`` for D
 with TRAINER where nnU-Net uses ``nnUNetTrainer_5epochs``:
 
 1. ``nnUNetv2_convert_MSD_dataset`` of an MSD Task04_Hippocampus folder (Dataset004), every ``--test-every``-th case
-   moved to imagesTs/labelsTs (the shared copy has no unlabelled MSD test images; these give the final prediction
+   moved to imagesTs/labelsTs (the MSD release's test images have no labels; these give the final prediction
    something to predict and a Dice to report);
 2. nnU-Net's ``Dataset999_IntegrationTest_Hippocampus`` (a copy of Dataset004), ``nnUNetv2_plan_and_preprocess
    --no_pp``, nnU-Net's ``add_lowres_and_cascade`` (3d_lowres and 3d_cascade_fullres), ``nnUNetv2_preprocess -c 2d
@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPOSITORY.parent / "shared" / "data" / "Task04_Hippocampus"
 SOURCE_ID, DATASET_ID = 4, 999  # nnU-Net's integration dataset is a copy of Dataset004_Hippocampus
 DATASET_NAME = "Dataset999_IntegrationTest_Hippocampus"
 # run_integration_test.sh trains 3d_fullres, 2d, 3d_lowres, cascade. The cascade trains on the lowres validation's
@@ -91,10 +90,10 @@ def _run_parallel(commands: list[list[str]], env: dict, jobs: int) -> None:
 
 
 def default_data() -> Path:
-    """The shared 200 cases beside the repository when present, else the 25 that ship with it."""
+    """The 25 cases that ship with the package (a download of the whole task goes in with --data)."""
     from rep3d_nnunet.datasets.hippocampus import SUBSET
 
-    return SHARED_DATA if (SHARED_DATA / "dataset.json").is_file() else SUBSET
+    return SUBSET
 
 
 def environment(workdir: Path, device: str) -> dict:
@@ -314,8 +313,8 @@ def result_lines(result: dict, test_summary: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="benchmarks/integration.sh", description=__doc__.split("\n\n")[0])
     parser.add_argument("trainer", help="trainer name, e.g. nnUNetTrainerRep3D_1epoch_5iterations (CPU smoke run)")
-    parser.add_argument("--data", help=f"an MSD Task04_Hippocampus folder (default: {SHARED_DATA} if present, else "
-                                       "the 25 cases in rep3d_nnunet/data/Task04_Hippocampus)")
+    parser.add_argument("--data", help="an MSD Task04_Hippocampus folder, e.g. the whole download (default: the 25 "
+                                       "cases in rep3d_nnunet/data/Task04_Hippocampus)")
     parser.add_argument("--workdir", help="an empty folder for the nnU-Net tree (default: a new temporary folder)")
     parser.add_argument("--max-features", type=int, default=0,
                         help="cap features per stage in every configuration (default: the plan's, as nnU-Net's)")

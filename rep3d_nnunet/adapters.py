@@ -1,6 +1,7 @@
 """Dual-kernel adapters (DKA) for low-data fine-tuning of a pretrained nnU-Net network, 2D and 3D.
 
-The adapter (``../shared/papers/dka-dual-kernel-adapter.txt``): down-projection to d channels, a large depthwise
+The adapter ("Dual-Kernel Adapter", ICLR 2026, https://openreview.net/forum?id=Z6KGt1veeP): down-projection to d
+channels, a large depthwise
 kernel for context summed with a small one for detail, GELU, up-projection, residual:
 
     y = x + Up(GELU(DWConv_large(Down(x)) + DWConv_small(Down(x))))
