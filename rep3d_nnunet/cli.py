@@ -72,9 +72,9 @@ _LIBRARY_COMMANDS = {
                                "work with nnUNetv2_predict too)", ".inference"),
     "table": _LibraryCommand("the paper's table layout from nnU-Net's cross-validation summaries, with the paper's "
                              "published numbers beside them", ".results_table"),
-    "masks": _LibraryCommand("PNGs of the modulation masks M (and the prior P) of a model folder", ".inspection",
+    "masks": _LibraryCommand("PNGs of the modulation masks M (and the prior P) of a model folder", ".masks",
                              "add_masks_arguments", "run_masks"),
-    "erf": _LibraryCommand("effective receptive field of a model folder, trained vs initialisation", ".inspection",
+    "erf": _LibraryCommand("effective receptive field of a model folder, trained vs initialisation", ".erf",
                            "add_erf_arguments", "run_erf"),
     "split": _LibraryCommand("low-data splits_final.json: a fixed held-out test set and 5 folds whose training "
                              "parts hold a fraction of the other cases (the DKA paper's protocol)", ".splits"),

@@ -18,19 +18,9 @@ from rep3d_nnunet.config import Rep3DSettings
 from rep3d_nnunet.environment import trainer_folder
 from rep3d_nnunet.export import export_model_folder, fold
 from rep3d_nnunet.modulation import distance_from_centre
-from rep3d_nnunet.inspection import (
-    add_erf_arguments,
-    add_masks_arguments,
-    block_kernels,
-    build_untrained_network,
-    effective_receptive_field,
-    erf_radius,
-    load_rep3d_model,
-    run_erf,
-    run_masks,
-    write_erf,
-    write_masks,
-)
+from rep3d_nnunet.erf import add_erf_arguments, effective_receptive_field, erf_radius, run_erf, write_erf
+from rep3d_nnunet.inspection import build_untrained_network, load_rep3d_model
+from rep3d_nnunet.masks import add_masks_arguments, block_kernels, run_masks, write_masks
 from tests.helpers import CONFIGURATIONS, write_model_folder
 from tests.helpers import build
 

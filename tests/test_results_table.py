@@ -14,14 +14,8 @@ from pathlib import Path
 import pytest
 from nnunetv2.evaluation.evaluate_predictions import save_summary_json
 
-from rep3d_nnunet.results_table import (
-    add_arguments,
-    load_paper_results,
-    load_paper_tables,
-    paper_table,
-    results_table,
-    run_from_args,
-)
+from rep3d_nnunet.paper_results import load_paper_results, load_paper_tables, paper_table
+from rep3d_nnunet.results_table import add_arguments, results_table, run_from_args
 
 KITS_LABELS = {"background": 0, "kidney": [1, 2, 3], "tumor": 2, "cyst": 3}  # region-based, like nnU-Net's KiTS
 KIDNEY, TUMOR, CYST = (1, 2, 3), 2, 3
