@@ -3,7 +3,6 @@ module for nnU-Net < 2.8, and the one room that finds trainer classes (no low mo
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import os
 import subprocess
@@ -19,33 +18,6 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from rep3d_nnunet import environment, nnunet_compat
 from rep3d_nnunet.nnunet_compat import BUILD_INPUTS_KEY, find_trainer_class, record_build_inputs
 from tests.helpers import CONFIGURATIONS, tiny_plans
-
-PACKAGE = Path(nnunet_compat.__file__).parent
-# Only the command line (the top floor) may import the variant table; everything else finds classes by name.
-MAY_IMPORT_VARIANTS = {"cli.py", "variants.py"}
-
-
-def _imports_variants(path: Path) -> bool:
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            module = ("." * node.level) + (node.module or "")
-            if module in (".variants", "rep3d_nnunet.variants") or (module == "." and any(
-                    a.name == "variants" for a in node.names)):
-                return True
-        elif isinstance(node, ast.Import) and any(a.name == "rep3d_nnunet.variants" for a in node.names):
-            return True
-    return False
-
-
-def test_no_low_module_imports_the_variant_table():
-    importing = sorted(p.name for p in PACKAGE.rglob("*.py") if p.name not in MAY_IMPORT_VARIANTS
-                       and _imports_variants(p))
-    assert importing == []
-    probe = ("import sys, rep3d_nnunet.finetuning, rep3d_nnunet.export, rep3d_nnunet.inspection, "
-             "rep3d_nnunet.model_folder; assert 'rep3d_nnunet.variants' not in sys.modules, 'variants imported'")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-
 
 def test_trainer_names_resolve_through_the_trainer_folder_and_nnunet():
     assert find_trainer_class("nnUNetTrainer") is nnUNetTrainer
