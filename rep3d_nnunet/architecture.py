@@ -16,6 +16,7 @@ from dynamic_network_architectures.building_blocks.helper import (
     convert_conv_op_to_dim,
     maybe_convert_scalar_to_list,
 )
+from dynamic_network_architectures.building_blocks.residual import BasicBlockD, StackedResidualBlocks
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
@@ -61,6 +62,7 @@ class Rep3DEncoder(nn.Module):
         stage_spacings: Sequence[Sequence[float]] | None = None,
         return_skips: bool = True,
         block_layer_scale: float | None = None,
+        n_residual_blocks_per_stage: Sequence[int] | None = None,
         **conv_kwargs,
     ):
         super().__init__()
@@ -75,12 +77,25 @@ class Rep3DEncoder(nn.Module):
         n_conv_per_stage = _per_stage(n_conv_per_stage, n_stages, "n_conv_per_stage")
         spacings = _per_stage(stage_spacings, n_stages, "stage_spacings") if stage_spacings is not None else [None] * n_stages
 
+        norm_nonlin = (conv_bias, norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs)
+        self.stem = None
+        if n_residual_blocks_per_stage is not None:
+            # nnU-Net's residual encoder (ResEnc plans): a stem at full resolution, then per stage residual blocks
+            # whose first one strides (dynamic-network-architectures' ResidualEncoder)
+            n_residual_blocks_per_stage = _per_stage(n_residual_blocks_per_stage, n_stages,
+                                                     "n_residual_blocks_per_stage")
+            self.stem = StackedConvBlocks(1, conv_op, input_channels, features_per_stage[0], kernel_sizes[0], 1,
+                                          *norm_nonlin)
+            input_channels = features_per_stage[0]
         stages = []
         for s in range(n_stages):
-            downsample = StackedConvBlocks(
-                n_conv_per_stage[s], conv_op, input_channels, features_per_stage[s], kernel_sizes[s], strides[s],
-                conv_bias, norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs,
-            )
+            if self.stem is None:
+                downsample = StackedConvBlocks(n_conv_per_stage[s], conv_op, input_channels, features_per_stage[s],
+                                               kernel_sizes[s], strides[s], *norm_nonlin)
+            else:
+                downsample = StackedResidualBlocks(n_residual_blocks_per_stage[s], conv_op, input_channels,
+                                                   features_per_stage[s], kernel_sizes[s], strides[s], *norm_nonlin,
+                                                   block=BasicBlockD)
             large_blocks = [
                 self._make_block(block, features_per_stage[s], large_kernel_sizes[s], dim, norm_op, norm_op_kwargs,
                                  conv_bias, spacings[s], block_layer_scale, conv_kwargs)
@@ -113,6 +128,8 @@ class Rep3DEncoder(nn.Module):
         return Rep3DBlock(channels, kernel_size, dim, layer_scale_init=layer_scale, **common)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
+        if self.stem is not None:
+            x = self.stem(x)
         skips = []
         for stage in self.stages:
             x = stage(x)
@@ -126,6 +143,8 @@ class Rep3DEncoder(nn.Module):
         runs, so only the largest one counts.
         """
         output, workspace = np.int64(0), np.int64(0)
+        if self.stem is not None:
+            output += self.stem.compute_conv_feature_map_size(input_size)
         for stage, stride in zip(self.stages, self.strides):
             output += stage[0].compute_conv_feature_map_size(input_size)
             input_size = [i // s for i, s in zip(input_size, stride)]
@@ -152,6 +171,9 @@ class Rep3DUNet(nn.Module):
         block_layer_scale: None: the authors' plain Rep3D blocks; a number: residual blocks whose per-channel scale
             starts there (see ``blocks.Rep3DBlock``).
         kernel_init: ``default`` or ``modulated`` (see ``blocks.ModulatedDepthwiseConv``).
+        n_residual_blocks_per_stage: a ResEnc plan's residual blocks per stage: the encoder keeps nnU-Net's residual
+            encoder (stem, residual blocks, the first one strided) and adds the large-kernel blocks after each stage's;
+            None: ``n_conv_per_stage`` plain convolutions per stage.
         deep_supervision: one output per decoder resolution (highest first), as nnU-Net expects.
         deploy: build the folded form directly (plain kernels, no generator).
 
@@ -190,6 +212,7 @@ class Rep3DUNet(nn.Module):
         conv_backend: str = "auto",
         block_layer_scale: float | None = None,
         kernel_init: str = "default",
+        n_residual_blocks_per_stage: Sequence[int] | None = None,
         deploy: bool = False,
     ):
         super().__init__()
@@ -197,6 +220,7 @@ class Rep3DUNet(nn.Module):
             input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides, large_kernel_sizes,
             n_blocks_per_stage, n_conv_per_stage, conv_bias, norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs,
             nonlin, nonlin_kwargs, block=block, stage_spacings=stage_spacings, block_layer_scale=block_layer_scale,
+            n_residual_blocks_per_stage=n_residual_blocks_per_stage,
             modulation=modulation, generator_depth=generator_depth, generator_kernel=generator_kernel,
             small_kernel=small_kernel, csla_scales=tuple(csla_scales), backend=conv_backend, kernel_init=kernel_init,
             deploy=deploy,

@@ -126,6 +126,28 @@ def _class_name(dotted: str) -> str:
     return dotted.rsplit(".", 1)[-1]
 
 
+def describe_translation(network_class_name: str, arch_kwargs: dict, settings: Rep3DSettings) -> str:
+    """One line: what of the plan's network the Rep3D network keeps and what it replaces or adds."""
+    source = _class_name(network_class_name)
+    if source == "Rep3DUNet":
+        return "The plan describes a Rep3D network (rep3d-nnunet plan, or an export's plans): built as planned."
+    if settings.topology == "paper":
+        return (f"The paper's Rep3D encoder (4 stages of {settings.blocks_per_stage} Rep3D blocks, 48-384 channels) on "
+                f"the plan's patch and batch; the plan's {source} topology is not used.")
+    if source == "ResidualEncoderUNet":
+        plan_stage = f"stem and residual blocks per stage ({', '.join(map(str, arch_kwargs['n_blocks_per_stage']))})"
+    else:
+        plan_stage = f"convolutions per stage ({', '.join(map(str, arch_kwargs.get('n_conv_per_stage', [2])))})"
+    kind = "UX-Net" if settings.block == "uxnet" else (
+        "residual Rep3D" if settings.block_layer_scale is not None else "Rep3D")
+    added = (f"{settings.blocks_per_stage} {kind} blocks per stage ({settings.kernel_size}^3 {settings.modulation} "
+             f"kernels, capped by each stage's feature map)")
+    kept = f"Rep3D on the plan's {source}: kept its stages, features, strides, kernel sizes, norm, decoder, patch and batch"
+    if settings.stage_convs == "plan":
+        return f"{kept} and its {plan_stage}; added after each stage's: {added}."
+    return f"{kept}; replaced its {plan_stage} by one strided convolution per stage followed by {added}."
+
+
 def rep3d_architecture(network_class_name: str, arch_kwargs: dict, patch_size: Sequence[int],
                        spacing: Sequence[float], settings: Rep3DSettings) -> tuple[dict, list[str]]:
     """Rep3DUNet keyword arguments (JSON form) and the keys nnU-Net must import, from a plan's configuration.
@@ -153,7 +175,9 @@ def rep3d_architecture(network_class_name: str, arch_kwargs: dict, patch_size: S
         kwargs.update(paper_topology(patch_size))
     else:
         kwargs["n_blocks_per_stage"] = settings.blocks_per_stage
-        if settings.stage_convs == "plan":
+        if settings.stage_convs == "plan" and _class_name(network_class_name) == "ResidualEncoderUNet":
+            kwargs["n_residual_blocks_per_stage"] = list(arch_kwargs["n_blocks_per_stage"])
+        elif settings.stage_convs == "plan":
             kwargs["n_conv_per_stage"] = arch_kwargs.get("n_conv_per_stage", 2)
     n_stages = kwargs["n_stages"]
     kwargs.setdefault("n_conv_per_stage_decoder", [2] * (n_stages - 1))

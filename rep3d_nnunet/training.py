@@ -17,7 +17,7 @@ from torch import nn
 
 from . import eval_cache
 from .blocks import ModulatedDepthwiseConv
-from .config import REP3D_NETWORK_CLASS, Rep3DSettings, rep3d_architecture
+from .config import REP3D_NETWORK_CLASS, Rep3DSettings, describe_translation, rep3d_architecture
 from .backend_choice import measure_network
 from .nnunet_compat import network_build_inputs, own_build_inputs, record_build_inputs, without_build_inputs
 
@@ -263,11 +263,16 @@ class Rep3DTrainer(ScheduledTrainer):
         return build_optimizer(self.network, self.optim, self.num_epochs)
 
     def check_plan(self) -> None:
-        """One line before the first iteration where the plan's patch and batch were sized for another network and
-        the Rep3D network needs more memory than it (``planning.memory_check``)."""
+        """Before the first iteration: one line saying what of the plan's network the Rep3D network keeps and what it
+        replaces, and one more where the plan's patch and batch were sized for another network and the Rep3D network
+        needs more memory than that (``planning.memory_check``)."""
         from .planning import memory_check
 
-        check = memory_check(self.plans_manager, without_build_inputs(self.configuration_manager), self.rep3d,
+        configuration = without_build_inputs(self.configuration_manager)
+        architecture = configuration.configuration["architecture"]
+        self.print_to_log_file(describe_translation(architecture["network_class_name"], architecture["arch_kwargs"],
+                                                    self.rep3d))
+        check = memory_check(self.plans_manager, configuration, self.rep3d,
                              self.num_input_channels, self.label_manager.num_segmentation_heads)
         if check is not None and check.ratio > MEMORY_WARNING_RATIO:
             dataset = self.plans_manager.dataset_name

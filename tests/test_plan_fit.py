@@ -95,3 +95,43 @@ def test_the_trainer_prints_one_line_before_training(tmp_path, monkeypatch, caps
     trainer.check_plan()
     lines = [line for line in capsys.readouterr().out.splitlines() if "Rep3D on these plans" in line]
     assert len(lines) == (1 if warns else 0)
+
+
+def _resenc_plans() -> dict:
+    """nnUNetResEncUNetMPlans-like 3d_fullres configuration: ResidualEncoderUNet with 1-4 residual blocks per stage."""
+    plans = _default_plans([32, 32, 32], [[1, 1, 1], [2, 2, 2], [2, 2, 2]], [8, 16, 32], 2,
+                           planner="nnUNetPlannerResEncM")
+    architecture = plans["configurations"]["3d_fullres"]["architecture"]
+    architecture["network_class_name"] = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+    kwargs = architecture["arch_kwargs"]
+    kwargs.pop("n_conv_per_stage")
+    kwargs["n_blocks_per_stage"] = [1, 3, 4]
+    kwargs["n_conv_per_stage_decoder"] = [1, 1]
+    return plans
+
+
+def test_on_resenc_plans_the_plan_stage_option_keeps_the_residual_encoder():
+    from dynamic_network_architectures.building_blocks.residual import BasicBlockD
+
+    from rep3d_nnunet.blocks import Rep3DBlock
+    from rep3d_nnunet.training import build_rep3d_network
+
+    manager = PlansManager(_resenc_plans())
+    configuration = manager.get_configuration("3d_fullres")
+    settings = Rep3DSettings(stage_convs="plan", block_layer_scale=0.0)
+    network = build_rep3d_network(manager, configuration, 1, 3, True, settings)
+    residual = [sum(isinstance(m, BasicBlockD) for m in stage.modules()) for stage in network.encoder.stages]
+    large = [sum(isinstance(m, Rep3DBlock) for m in stage.modules()) for stage in network.encoder.stages]
+    assert residual == [1, 3, 4] and large == [2, 2, 2] and network.encoder.stem is not None
+    outputs = network(torch.randn(2, 1, 32, 32, 32))
+    assert [tuple(o.shape) for o in outputs] == [(2, 3, 32, 32, 32), (2, 3, 16, 16, 16)]
+    assert network.compute_conv_feature_map_size([32, 32, 32]) > 0
+
+    from rep3d_nnunet.config import describe_translation
+
+    arch = configuration.configuration["architecture"]
+    kept = describe_translation(arch["network_class_name"], arch["arch_kwargs"], settings)
+    assert kept.startswith("Rep3D on the plan's ResidualEncoderUNet: kept its stages") and \
+        "stem and residual blocks per stage (1, 3, 4); added after each stage's: 2 residual Rep3D blocks" in kept
+    replaced = describe_translation(arch["network_class_name"], arch["arch_kwargs"], Rep3DSettings(stage_convs="one"))
+    assert "replaced its stem and residual blocks per stage (1, 3, 4) by one strided convolution per stage" in replaced
