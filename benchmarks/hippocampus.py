@@ -123,6 +123,12 @@ HYPOTHESES = (
     hypothesis("H2 plan convs + residual blocks", {"stage_convs": "plan", "block_layer_scale": 0.0}),
     hypothesis("H3 nnU-Net's AdamW (amsgrad, wd 3e-5)", optimizer={"amsgrad": True, "weight_decay": 3e-5}),
     hypothesis("H4 large kernels at lr 2e-4", optimizer={"large_kernel_lr": 2e-4}),
+    hypothesis("H5 H2 + modulated kernel init", {"stage_convs": "plan", "block_layer_scale": 0.0,
+                                                 "kernel_init": "modulated"}),
+    hypothesis("H6 H2 + nnU-Net's AdamW", {"stage_convs": "plan", "block_layer_scale": 0.0},
+               {"amsgrad": True, "weight_decay": 3e-5}),
+    hypothesis("H7 H2 + large kernels at lr 2e-4", {"stage_convs": "plan", "block_layer_scale": 0.0},
+               {"large_kernel_lr": 2e-4}),
 )
 ALL_ENTRIES = CONTENDERS + OPTIONAL + HYPOTHESES
 # the slices figure shows the first contender (nnU-Net's default) beside this one
