@@ -207,3 +207,18 @@ def test_every_ddp_rank_takes_the_same_decision(tmp_path):
     result_file = str(tmp_path / "decision")
     mp.spawn(_ddp_worker, args=(port, result_file), nprocs=2, join=True)
     assert [torch.load(f"{result_file}.{rank}") for rank in range(2)] == ["fft", "fft"]
+
+
+@pytest.mark.parametrize("policy", ["model", "measure"])
+def test_training_and_prediction_compute_one_shape_with_one_backend(monkeypatch, policy):
+    """The cost model used to weigh a forward alone in inference: a 7^3 kernel on [32, 32^3] took the FFT in training
+    and torch's conv in prediction (under CUDA autocast: float32 maths against float16), so a trained model predicted
+    with another function than it was trained with."""
+    monkeypatch.setenv(backend_choice.POLICY_VARIABLE, policy)
+    _timed_runs(monkeypatch, {"direct": 0.02, "fft": 0.001})
+    used = _backends_used(monkeypatch)
+    x, weight = torch.randn(1, 32, 32, 32, 32), torch.randn(32, 1, 7, 7, 7)
+    ops.depthwise_conv(x.requires_grad_(), weight.requires_grad_()).sum().backward()
+    with torch.inference_mode():
+        ops.depthwise_conv(x.detach(), weight.detach())
+    assert len(used) == 2 and used[0] == used[1] == "fft"
