@@ -106,7 +106,8 @@ OPTIONAL = (
 # setting it is about, starting from the recipe the project released first (0.1.0: plain blocks after one strided conv
 # per stage, nn.ConvNd's kernel initialisation, AdamW lr 1e-3, weight decay 0.08 on kernels), so that a run stays what
 # its label says when the default trainer changes.
-RELEASED_NETWORK = (("stage_convs", "one"), ("block_layer_scale", None), ("kernel_init", "default"))
+RELEASED_NETWORK = (("stage_convs", "one"), ("block_layer_scale", None), ("block_pointwise", False),
+                    ("kernel_init", "default"))
 RELEASED_OPTIMIZER = (("lr", 1e-3), ("weight_decay", 0.08), ("amsgrad", False), ("large_kernel_lr", None))
 
 
@@ -129,6 +130,8 @@ HYPOTHESES = (
                {"amsgrad": True, "weight_decay": 3e-5}),
     hypothesis("H7 H2 + large kernels at lr 2e-4", {"stage_convs": "plan", "block_layer_scale": 0.0},
                {"large_kernel_lr": 2e-4}),
+    hypothesis("H8 H2 + pointwise mixing in the blocks", {"stage_convs": "plan", "block_layer_scale": 0.0,
+                                                          "block_pointwise": True}),
 )
 ALL_ENTRIES = CONTENDERS + OPTIONAL + HYPOTHESES
 # the slices figure shows the first contender (nnU-Net's default) beside this one

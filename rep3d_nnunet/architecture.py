@@ -63,6 +63,7 @@ class Rep3DEncoder(nn.Module):
         return_skips: bool = True,
         block_layer_scale: float | None = None,
         n_residual_blocks_per_stage: Sequence[int] | None = None,
+        block_pointwise: bool = False,
         **conv_kwargs,
     ):
         super().__init__()
@@ -98,7 +99,7 @@ class Rep3DEncoder(nn.Module):
                                                    block=BasicBlockD)
             large_blocks = [
                 self._make_block(block, features_per_stage[s], large_kernel_sizes[s], dim, norm_op, norm_op_kwargs,
-                                 conv_bias, spacings[s], block_layer_scale, conv_kwargs)
+                                 conv_bias, spacings[s], block_layer_scale, block_pointwise, conv_kwargs)
                 for _ in range(n_blocks_per_stage[s])
             ]
             stages.append(nn.Sequential(downsample, *large_blocks))
@@ -121,11 +122,11 @@ class Rep3DEncoder(nn.Module):
 
     @staticmethod
     def _make_block(block, channels, kernel_size, dim, norm_op, norm_op_kwargs, conv_bias, spacing, layer_scale,
-                    conv_kwargs):
+                    pointwise, conv_kwargs):
         common = dict(norm_op=norm_op, norm_op_kwargs=norm_op_kwargs, bias=conv_bias, spacing=spacing, **conv_kwargs)
         if block == "uxnet":
             return UXNetBlock(channels, kernel_size, dim, **common)
-        return Rep3DBlock(channels, kernel_size, dim, layer_scale_init=layer_scale, **common)
+        return Rep3DBlock(channels, kernel_size, dim, layer_scale_init=layer_scale, pointwise=pointwise, **common)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
         if self.stem is not None:
@@ -171,6 +172,7 @@ class Rep3DUNet(nn.Module):
         block_layer_scale: None: the authors' plain Rep3D blocks; a number: residual blocks whose per-channel scale
             starts there (see ``blocks.Rep3DBlock``).
         kernel_init: ``default`` or ``modulated`` (see ``blocks.ModulatedDepthwiseConv``).
+        block_pointwise: a 1x1 convolution after each Rep3D block's nonlinearity (see ``blocks.Rep3DBlock``).
         n_residual_blocks_per_stage: a ResEnc plan's residual blocks per stage: the encoder keeps nnU-Net's residual
             encoder (stem, residual blocks, the first one strided) and adds the large-kernel blocks after each stage's;
             None: ``n_conv_per_stage`` plain convolutions per stage.
@@ -213,6 +215,7 @@ class Rep3DUNet(nn.Module):
         block_layer_scale: float | None = None,
         kernel_init: str = "default",
         n_residual_blocks_per_stage: Sequence[int] | None = None,
+        block_pointwise: bool = False,
         deploy: bool = False,
     ):
         super().__init__()
@@ -220,7 +223,7 @@ class Rep3DUNet(nn.Module):
             input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides, large_kernel_sizes,
             n_blocks_per_stage, n_conv_per_stage, conv_bias, norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs,
             nonlin, nonlin_kwargs, block=block, stage_spacings=stage_spacings, block_layer_scale=block_layer_scale,
-            n_residual_blocks_per_stage=n_residual_blocks_per_stage,
+            n_residual_blocks_per_stage=n_residual_blocks_per_stage, block_pointwise=block_pointwise,
             modulation=modulation, generator_depth=generator_depth, generator_kernel=generator_kernel,
             small_kernel=small_kernel, csla_scales=tuple(csla_scales), backend=conv_backend, kernel_init=kernel_init,
             deploy=deploy,

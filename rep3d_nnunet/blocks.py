@@ -318,6 +318,8 @@ class Rep3DBlock(_DepthwiseThenNorm):
         layer_scale_init: None: the authors' plain block, y = act(norm(conv(x))); a number: a residual block,
             y = x + s * act(norm(conv(x))) with a per-channel scale s starting at this value (0: the block starts as
             the identity, so the stage starts as the plan's own convolutions).
+        pointwise: mix the channels after the nonlinearity with a 1x1 convolution (a depthwise-separable block,
+            y = [x +] s * pw(act(norm(conv(x))))).
         **conv_kwargs: forwarded to ``ModulatedDepthwiseConv`` (modulation, generator_*, spacing, backend, deploy...).
 
     Shapes:
@@ -334,12 +336,14 @@ class Rep3DBlock(_DepthwiseThenNorm):
         nonlin: type[nn.Module] | None = nn.GELU,
         nonlin_kwargs: dict | None = None,
         layer_scale_init: float | None = None,
+        pointwise: bool = False,
         **conv_kwargs,
     ):
         super().__init__()
         self.conv = ModulatedDepthwiseConv(channels, kernel_size, dim, **conv_kwargs)
         self.norm = norm_op(channels, **(norm_op_kwargs or {})) if norm_op is not None else nn.Identity()
         self.nonlin = nonlin(**(nonlin_kwargs or {})) if nonlin is not None else nn.Identity()
+        self.pointwise = _POINTWISE_CONV[dim](channels, channels, 1) if pointwise else None
         self.layer_scale = (
             nn.Parameter(torch.full((channels,), float(layer_scale_init))) if layer_scale_init is not None else None
         )
@@ -348,12 +352,15 @@ class Rep3DBlock(_DepthwiseThenNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.nonlin(self.norm(self.conv(x)))
+        if self.pointwise is not None:
+            y = self.pointwise(y)
         if self.layer_scale is None:
             return y
         return x + y * self.layer_scale.view(1, -1, *([1] * (x.ndim - 2)))
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
-        return self.conv.compute_conv_feature_map_size(input_size)
+        size = self.conv.compute_conv_feature_map_size(input_size)
+        return size * 2 if self.pointwise is not None else size
 
 
 class UXNetBlock(_DepthwiseThenNorm):

@@ -50,6 +50,7 @@ class Rep3DSettings:
         stage_convs: ``one`` (each encoder stage starts with one strided conv, then the large-kernel blocks) or
             ``plan`` (the plan's own convolutions per stage, PlainConvUNet's ``n_conv_per_stage``, then the blocks).
         block_layer_scale: None (the authors' plain blocks) or the initial scale of residual Rep3D blocks.
+        block_pointwise: a 1x1 convolution mixing the channels after each Rep3D block's nonlinearity.
         kernel_init: ``default`` or ``modulated`` (see ``blocks.ModulatedDepthwiseConv``).
     """
 
@@ -66,6 +67,7 @@ class Rep3DSettings:
     topology: str = "plan"
     stage_convs: str = "one"
     block_layer_scale: float | None = None
+    block_pointwise: bool = False
     kernel_init: str = "default"
 
     def __post_init__(self):
@@ -191,6 +193,7 @@ def rep3d_architecture(network_class_name: str, arch_kwargs: dict, patch_size: S
     kwargs["csla_scales"] = list(settings.csla_scales)
     kwargs["conv_backend"] = settings.conv_backend
     kwargs["block_layer_scale"] = settings.block_layer_scale
+    kwargs["block_pointwise"] = settings.block_pointwise
     kwargs["kernel_init"] = settings.kernel_init
     if settings.spacing_aware_prior:
         cumulative = np.cumprod(np.array(strides), axis=0)

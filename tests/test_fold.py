@@ -168,3 +168,24 @@ def test_csla_small_branch_has_its_own_parameters_and_merges_exactly():
         1.3 * nn.functional.conv3d(x, conv.small_weight, conv.small_bias, padding=1, groups=4)
     with torch.no_grad():
         torch.testing.assert_close(conv(x), two_branches, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+@pytest.mark.parametrize("pointwise", [False, True])
+def test_residual_blocks_fold_like_plain_ones(norm, pointwise):
+    """Residual Rep3D blocks (a per-channel scale on the branch, optionally a 1x1 mixing after the nonlinearity) fold
+    their conv (and a BatchNorm) the same way; the scale and the 1x1 conv stay."""
+    norm_op, norm_kwargs = NORMS[3][norm]
+    block = Rep3DBlock(6, (5, 9, 9), 3, norm_op, norm_kwargs, layer_scale_init=0.0, pointwise=pointwise)
+    _randomise(block).eval()
+    x = torch.randn(2, 6, 7, 8, 9)
+    expected = _training_path(block, x)
+    assert _relative_error(expected, x) > 1e-3  # the branch contributes once the scale has moved
+    fold(block)
+    with torch.no_grad():
+        assert _relative_error(block(x), expected) < 1e-5
+    deployed = Rep3DBlock(6, (5, 9, 9), 3, norm_op, norm_kwargs, layer_scale_init=0.0, pointwise=pointwise,
+                          deploy=True)
+    deployed.load_state_dict(block.state_dict())
+    with torch.no_grad():
+        assert _relative_error(deployed.eval()(x), expected) < 1e-5
