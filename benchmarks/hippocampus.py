@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import json
 import math
 import multiprocessing
@@ -215,8 +216,9 @@ def schedule(args) -> tuple[int, list[int], int]:
 def selected_entries(args) -> list[Entry]:
     if args.only is None:
         return list(CONTENDERS)
-    entries = [e for e in ALL_ENTRIES if e.label in args.only]
-    unknown = sorted(set(args.only) - {e.label for e in entries})
+    by_label = {e.label: e for e in ALL_ENTRIES}
+    entries = [by_label[label] for label in dict.fromkeys(args.only) if label in by_label]  # in the order given
+    unknown = sorted(set(args.only) - set(by_label))
     if unknown:
         raise BadInput(f"--only {unknown} matched no contender; labels: {[e.label for e in ALL_ENTRIES]}")
     return entries
@@ -421,6 +423,13 @@ def run_job(entry: Entry, folder: str, fold: int, args) -> str:
     if records and not latest.is_file():
         raise BadInput(f"{directory} has probe records but no checkpoint_latest.pth to resume from; delete the folder "
                        f"to run {entry.label} on fold {fold} again")
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = open(directory / "run.lock", "w")
+    try:  # two benchmark processes on one output folder must not train the same run at once
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return f"fold {fold}, {entry.label}: being trained by another benchmark process, skipped"
     plans["continue_training"] = False  # nnUNetTrainer pops this key, which nnU-Net's run_training adds
     dataset_json = load_json(str(preprocessed / "dataset.json"))
     common = {"fold": fold, "trainer": entry.label, "trainer_class": class_name(entry), "device": args.device,
@@ -429,7 +438,6 @@ def run_job(entry: Entry, folder: str, fold: int, args) -> str:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     trainer = cls(plans, CONFIGURATION, fold, dataset_json, torch.device(args.device))
-    directory.mkdir(parents=True, exist_ok=True)
     budget_file.write_text(json.dumps(budget))
     resumed = ""
     if latest.is_file():

@@ -1,10 +1,11 @@
-"""The end-to-end demo: nnU-Net's default trainer beside the Rep3D trainer, the whole job as a user runs it.
+"""The end-to-end demo: nnU-Net's default trainer and nnU-Net's AdamW trainer beside the default Rep3D trainer, the
+whole job as a user runs it.
 
 Default (``--task hippocampus``): real anatomy, the 25 MSD Task04 Hippocampus cases that ship with the package (or
 the user's own download, ``--data PATH``) -> nnU-Net's MSD converter, every 5th case held out -> nnU-Net planning ->
-both trainers on the same plan, fold and number of iterations -> folded export of the Rep3D model -> prediction of
-the held-out cases with both (the exported one without ``nnUNet_extTrainer``, as a deployed model runs) -> nnU-Net's
-evaluation -> one table and one PNG of a held-out case's slices.
+the three trainers on the same plan, fold and number of iterations -> folded export of the Rep3D model -> prediction
+of the held-out cases with each (the exported one without ``nnUNet_extTrainer``, as a deployed model runs) ->
+nnU-Net's evaluation -> one table and one PNG of a held-out case's slices.
 
 ``--task long_range``: the synthetic task that needs long-range context (docs/results.md: 32^3, features 8-64, 3
 seeds; every Rep3D trainer had learned the long-range rule after 600 iterations, nnU-Net's default had not after
@@ -28,8 +29,11 @@ from pathlib import Path
 
 from .environment import export_lines, sync_external_trainer_module
 
-DEMO_TRAINERS = {"nnU-Net default (PlainConvUNet, SGD)": "nnUNetTrainerDemo",
-                 "Rep3D (21^3 kernels, LRBM, AdamW)": "nnUNetTrainerRep3DDemo"}
+# label -> trainer, the longest first: trainings run two at a time (see _run_concurrently)
+DEMO_TRAINERS = {"Rep3D default (nnUNetTrainerRep3D)": "nnUNetTrainerRep3DDemo",
+                 "nnU-Net default (PlainConvUNet, SGD)": "nnUNetTrainerDemo",
+                 "nnU-Net with AdamW (PlainConvUNet, nnUNetTrainerAdam1en3)": "nnUNetTrainerAdamDemo"}
+REP3D_DEMO_TRAINER = "nnUNetTrainerRep3DDemo"
 DEMO_PLANS = "nnUNetPlans_demo"
 TASKS = ("hippocampus", "long_range")
 LONG_RANGE_SENTENCE = (
@@ -64,7 +68,7 @@ class DemoSettings:
     dataset_id: int = 990
     configuration: str = "3d_fullres"
     epochs: int = 24
-    iterations_per_epoch: int = 25  # 24 x 25 = 600 iterations, batch 2, for both trainers
+    iterations_per_epoch: int = 25  # 24 x 25 = 600 iterations, batch 2, for every trainer
     base_features: int = 8
     max_features: int = 64
     num_training: int = 20
@@ -141,11 +145,12 @@ def write_demo_trainers(folder: Path, settings: DemoSettings) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     epochs, iterations = settings.epochs, settings.iterations_per_epoch
     (folder / "nnUNetTrainerDemo.py").write_text(textwrap.dedent(f'''
-        """The demo's two trainers: the same {epochs} x {iterations} iterations, few validation batches per epoch."""
+        """The demo's three trainers: the same {epochs} x {iterations} iterations, few validation batches per epoch."""
         import torch
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+        from nnunetv2.training.nnUNetTrainer.variants.optimizer.nnUNetTrainerAdam import nnUNetTrainerAdam1en3
 
-        from rep3d_nnunet.training import Rep3DTrainer
+        from rep3d_nnunet.variants import make_trainer_class
 
 
         class nnUNetTrainerDemo(nnUNetTrainer):
@@ -156,7 +161,14 @@ def write_demo_trainers(folder: Path, settings: DemoSettings) -> Path:
                     {iterations}, 2
 
 
-        class nnUNetTrainerRep3DDemo(Rep3DTrainer):  # nnUNetTrainerRep3D's method: LRBM, 21^3 kernels, AdamW
+        class nnUNetTrainerAdamDemo(nnUNetTrainerAdam1en3):  # nnU-Net's own AdamW trainer (lr 1e-3)
+            def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+                super().__init__(plans, configuration, fold, dataset_json, device)
+                self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = {epochs}, \\
+                    {iterations}, 2
+
+
+        class nnUNetTrainerRep3DDemo(make_trainer_class("nnUNetTrainerRep3D")):  # the default Rep3D trainer
             num_epochs_override = {epochs}
             iterations_per_epoch_override = {iterations}
             val_iterations_per_epoch_override = 2
@@ -165,7 +177,7 @@ def write_demo_trainers(folder: Path, settings: DemoSettings) -> Path:
 
 
 def write_scaled_plans(preprocessed: Path, settings: DemoSettings) -> Path:
-    """nnU-Net's plans with features base * 2^stage capped at max, for every network alike (so both train in minutes
+    """nnU-Net's plans with features base * 2^stage capped at max, for every network alike (so they train in minutes
     on a CPU; ``benchmarks/convergence.py`` does the same)."""
     plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
     plans["plans_name"] = DEMO_PLANS
@@ -218,7 +230,7 @@ def _plan(dataset: Path, settings: DemoSettings, env: dict, step: int) -> None:
           "-npfp", n, "-np", n, "--verify_dataset_integrity"], env)
     plans_file = write_scaled_plans(Path(env["nnUNet_preprocessed"]) / dataset.name, settings)
     print(f"  wrote {plans_file.name}: nnU-Net's plan with {settings.base_features}-{settings.max_features} features "
-          f"per stage, for both networks alike (CPU-sized)")
+          f"per stage, for every network alike (CPU-sized)")
 
 
 def _train_export_predict(dataset: Path, settings: DemoSettings, workdir: Path, device: str, trainers_folder: Path,
@@ -229,30 +241,28 @@ def _train_export_predict(dataset: Path, settings: DemoSettings, workdir: Path, 
         Per model: label, trainer, Dice per class, training seconds, prediction seconds, prediction folder.
     """
     d, c = str(settings.dataset_id), settings.configuration
-    print(f"\n# {step}. train fold 0 with both trainers, {settings.epochs} x {settings.iterations_per_epoch} "
-          f"iterations each (the trainer file nnU-Net finds through nnUNet_extTrainer: "
-          f"{trainers_folder / 'nnUNetTrainerDemo.py'})")
-    seconds = {}
-    for trainer in DEMO_TRAINERS.values():
-        seconds[trainer] = _run([_bin("nnUNetv2_train"), d, c, "0", "-tr", trainer, "-p", DEMO_PLANS, "-device",
-                                 device], training_environment(env, device))
+    print(f"\n# {step}. train fold 0 with each trainer, {settings.epochs} x {settings.iterations_per_epoch} "
+          f"iterations each, two at a time (the trainer file nnU-Net finds through nnUNet_extTrainer: "
+          f"{trainers_folder / 'nnUNetTrainerDemo.py'}; each training's output in {workdir / 'logs'})")
+    seconds = _run_concurrently({trainer: [_bin("nnUNetv2_train"), d, c, "0", "-tr", trainer, "-p", DEMO_PLANS,
+                                           "-device", device] for trainer in DEMO_TRAINERS.values()},
+                                training_environment(env, device), workdir / "logs", 2 if device == "cpu" else 1)
     results = Path(env["nnUNet_results"]) / dataset.name
-    rep3d_trained = results / f"nnUNetTrainerRep3DDemo__{DEMO_PLANS}__{c}"
 
     print(f"\n# {step + 1}. export the Rep3D model with the generator folded away")
-    exported = results / f"nnUNetTrainerRep3DDemo__{DEMO_PLANS}_folded__{c}"
+    exported = results / f"{REP3D_DEMO_TRAINER}__{DEMO_PLANS}_folded__{c}"
     if exported.exists():
         shutil.rmtree(exported)
-    _run([_bin("rep3d-nnunet"), "export", str(rep3d_trained), "-o", str(exported)], env)
+    _run([_bin("rep3d-nnunet"), "export", str(results / f"{REP3D_DEMO_TRAINER}__{DEMO_PLANS}__{c}"), "-o",
+          str(exported)], env)
 
     print(f"\n# {step + 2}. predict the held-out cases and evaluate with nnU-Net (the exported model without "
           "nnUNet_extTrainer, as it would run where it is deployed)")
     deploy_env = {k: v for k, v in env.items() if k != "nnUNet_extTrainer"}
-    model_folders = {"nnUNetTrainerDemo": (results / f"nnUNetTrainerDemo__{DEMO_PLANS}__{c}", env),
-                     "nnUNetTrainerRep3DDemo": (exported, deploy_env)}
     rows = []
     for label, trainer in DEMO_TRAINERS.items():
-        folder, folder_env = model_folders[trainer]
+        folder, folder_env = ((exported, deploy_env) if trainer == REP3D_DEMO_TRAINER else
+                              (results / f"{trainer}__{DEMO_PLANS}__{c}", env))
         predictions = workdir / f"predictions_{trainer}"
         if predictions.exists():
             shutil.rmtree(predictions)
@@ -267,6 +277,43 @@ def _train_export_predict(dataset: Path, settings: DemoSettings, workdir: Path, 
                      "seconds": seconds[trainer], "predict_seconds": predict_seconds,
                      "predictions": str(predictions)})
     return rows
+
+
+def _run_concurrently(commands: dict[str, list[str]], env: dict, logs: Path, slots: int) -> dict[str, float]:
+    """Runs the commands ``slots`` at a time (in the given order), each one's output into ``logs/<name>.log``;
+    returns the seconds each took.
+
+    On a CPU two trainings side by side, one torch thread each with passive OpenMP waiting, finish in about the time of
+    one with two threads: a small network's step does not keep two threads busy.
+
+    Raises:
+        DemoStepFailed: a command exited with an error (the others are waited for first).
+    """
+    logs.mkdir(parents=True, exist_ok=True)
+    pending, running, seconds, failed = list(commands.items()), {}, {}, []
+    while pending or running:
+        while pending and len(running) < slots:
+            name, command = pending.pop(0)
+            print(f"\n$ {' '.join(command)}   > {logs / (name + '.log')}", flush=True)
+            log = open(logs / f"{name}.log", "w")
+            threads = {"OMP_NUM_THREADS": "1"} if slots > 1 else {}
+            running[name] = (subprocess.Popen(command, env={**env, **threads}, stdout=log, stderr=subprocess.STDOUT),
+                             log, time.time())
+        time.sleep(1)
+        for name, (process, log, started) in list(running.items()):
+            if process.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            seconds[name] = time.time() - started
+            print(f"  {name}: {seconds[name]:.0f} s" + ("" if process.returncode == 0 else
+                                                          f", exited with status {process.returncode}"), flush=True)
+            if process.returncode != 0:
+                failed.append(f"{Path(commands[name][0]).name} {name} exited with status {process.returncode}; "
+                              f"its output is in {logs / (name + '.log')}.")
+    if failed:
+        raise DemoStepFailed(" ".join(failed))
+    return seconds
 
 
 def run_long_range_demo(settings: DemoSettings) -> list[dict]:
@@ -348,7 +395,7 @@ def run_hippocampus_demo(settings: DemoSettings) -> list[dict]:
           f"{len(source.cases) - len(held_out)} cases, {iterations} training iterations each, {device}):\n")
     print(results_table(rows, label_names))
     print(f"\n{hippocampus_sentence(iterations, features)}")
-    print(f"Slices of {case} (image, ground truth, both predictions): {figure}")
+    print(f"Slices of {case} (image, ground truth, each model's prediction): {figure}")
     print(f"Total wall time: {time.time() - started:.0f} s. Everything is in {workdir}.")
     (workdir / "demo_results.json").write_text(json.dumps(rows, indent=2))
     return rows

@@ -1,14 +1,23 @@
 """Real anatomy: the 25 MSD Task04 Hippocampus cases that ship with the package, through nnU-Net's own commands.
 
-nnUNetv2_convert_MSD_dataset -> nnUNetv2_plan_and_preprocess -> rep3d-nnunet plan (reduced features) on the real
-fingerprint; nnU-Net's default trainer for a few iterations and DKA fine-tuning (-pretrained_weights) of its
-checkpoint, with prediction of held-out cases. (Training a Rep3D trainer on these cases, export and prediction from
-the exported folder: tests/test_readme.py, which runs the README's commands.)
+nnUNetv2_convert_MSD_dataset, then the README's "Train Rep3D on your own nnU-Net dataset" commands as written, in one
+shell (they cannot rot): nnU-Net's planning, nnUNetTrainerRep3D, rep3d-nnunet export, nnUNetv2_predict from the
+exported folder, whose segmentations must equal the trained folder's. Three substitutions only: the placeholder
+dataset folder ``Dataset501_X`` is the converted copy (``Dataset501_Hippocampus``), ``nnUNetTrainerRep3D`` gets
+nnU-Net's schedule suffix ``_1epoch_5iterations`` (a CPU cannot train 1,000 epochs in a test), and nnU-Net's training
+and prediction get ``-device cpu`` (their default is CUDA); between planning and training the test writes a split
+whose fold 0 validates on one case (nnU-Net's end-of-training validation only costs time here). On the same dataset:
+rep3d-nnunet plan (reduced features) on the real fingerprint, and DKA fine-tuning (-pretrained_weights) of a tiny
+nnUNetTrainer's checkpoint with prediction of the held-out cases.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +35,11 @@ from tests.helpers import (
     write_tiny_trainer,
 )
 
-DATASET_ID = 974
+DATASET_ID = 501  # the README's placeholder id
 DATASET = f"Dataset{DATASET_ID:03d}_Hippocampus"
+README = Path(__file__).resolve().parents[1] / "README.md"
+MARKER = "<!-- the five commands below are run as written by tests/test_hippocampus.py"
+SCHEDULE = "_1epoch_5iterations"
 REP3D_PLANS = "Rep3DPlans"
 PLAIN_PLANS = "nnUNetPlans_small"  # nnU-Net's plan with the same reduced features, for the plain source network
 BASE_FEATURES, MAX_FEATURES = 4, 16
@@ -43,29 +55,67 @@ def _write_small_plain_plans(preprocessed: Path) -> None:
     (preprocessed / f"{PLAIN_PLANS}.json").write_text(json.dumps(plans, indent=2))
 
 
+def readme_commands() -> list[str]:
+    """The shell commands of the README's block after ``MARKER``, continuation lines joined, comments dropped."""
+    text = README.read_text()
+    block = text[text.index(MARKER):].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [re.split(r"\s+#", line.strip())[0] for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def _on_this_machine(command: str) -> str:
+    command = re.sub(r"nnUNetTrainerRep3D(?=\s|__|$)", "nnUNetTrainerRep3D" + SCHEDULE,
+                     command.replace("Dataset501_X", DATASET))
+    return command + " -device cpu" if command.split()[0] in ("nnUNetv2_train", "nnUNetv2_predict") else command
+
+
+def _shell(commands: list[str], env: dict, cwd: Path) -> None:
+    script = "\n".join(["set -euo pipefail", *commands])
+    result = subprocess.run(["bash", "-c", script], env=env, cwd=cwd, capture_output=True, text=True)
+    assert result.returncode == 0, f"{script}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+
+
 @pytest.fixture(scope="module")
 def hippocampus(tmp_path_factory):
-    """Converted, planned and trained once: fold 0 of a tiny nnUNetTrainer.
-
-    Two cases are held out (imagesTs/labelsTs); fold 0 validates on one case only (splits_final.json): nnU-Net's
-    end-of-training validation predicts every validation case, and more cases only cost time here.
-    """
+    """Converted, then the README's commands (planned, trained, exported, predicted); then the Rep3D planner and fold 0
+    of a tiny nnUNetTrainer on reduced features. Two cases are held out (imagesTs/labelsTs)."""
     root = tmp_path_factory.mktemp("hippocampus")
     env = nnunet_environment(root, write_tiny_trainer(root / "test_trainers"))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the README's commands, this environment
     run(["nnUNetv2_convert_MSD_dataset", "-i", str(SUBSET), "-overwrite_id", str(DATASET_ID), "-np", "1"], env)
     raw = Path(env["nnUNet_raw"]) / DATASET
     held_out = move_held_out_cases(raw, every=13)
-    run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-npfp", "1", "-np", "1"], env)
-    run(["rep3d-nnunet", "plan", "-d", str(DATASET_ID), "-c", "3d_fullres", "--base-features", str(BASE_FEATURES),
-         "--max-features", str(MAX_FEATURES), "-np", "1"], env)
+    commands = [_on_this_machine(command) for command in readme_commands()]
+    _shell(commands[:2], env, root)  # rep3d-nnunet env, nnUNetv2_plan_and_preprocess
     preprocessed = Path(env["nnUNet_preprocessed"]) / DATASET
-    _write_small_plain_plans(preprocessed)
     training = sorted(p.name[:-len(".nii.gz")] for p in (raw / "labelsTr").glob("*.nii.gz"))
     (preprocessed / "splits_final.json").write_text(json.dumps([{"train": training[1:], "val": training[:1]}]))
-    d = str(DATASET_ID)
-    run(["nnUNetv2_train", d, "3d_fullres", "0", "-tr", TINY_PLAIN_TRAINER, "-p", PLAIN_PLANS, "-device", "cpu"],
-        training_environment(env))
+    _shell(commands[:1] + commands[2:], training_environment(env), root)  # env, train, export, predict
+    run(["rep3d-nnunet", "plan", "-d", str(DATASET_ID), "-c", "3d_fullres", "--base-features", str(BASE_FEATURES),
+         "--max-features", str(MAX_FEATURES), "-np", "1"], env)
+    _write_small_plain_plans(preprocessed)
+    run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", TINY_PLAIN_TRAINER, "-p", PLAIN_PLANS,
+         "-device", "cpu"], training_environment(env))
     return root, env, raw, held_out
+
+
+def test_the_readme_gives_five_commands():
+    commands = readme_commands()
+    assert len(commands) == 5 and commands[0].startswith('eval "$(rep3d-nnunet env)"')
+    assert [c.split()[0] for c in commands[1:]] == ["nnUNetv2_plan_and_preprocess", "nnUNetv2_train", "rep3d-nnunet",
+                                                    "nnUNetv2_predict"]
+
+
+def test_the_readme_commands_train_export_and_the_export_predicts_as_the_trained_folder(hippocampus):
+    root, env, raw, held_out = hippocampus
+    trainer = "nnUNetTrainerRep3D" + SCHEDULE
+    assert _model_folder(env, trainer, "nnUNetPlans_folded").is_dir()
+    run(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(root / "trained"), "-d", str(DATASET_ID), "-c",
+         "3d_fullres", "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"], env)
+    for case in held_out:
+        exported = _segmentation(root / "predictions" / f"{case}.nii.gz")
+        assert exported.shape == _segmentation(raw / "labelsTs" / f"{case}.nii.gz").shape
+        assert set(np.unique(exported)) <= {0, 1, 2}
+        np.testing.assert_array_equal(exported, _segmentation(root / "trained" / f"{case}.nii.gz"))
 
 
 def _model_folder(env: dict, trainer: str, plans: str) -> Path:
