@@ -124,6 +124,11 @@ def paper_topology(patch_size: Sequence[int]) -> dict:
     }
 
 
+# The paper's network as settings: its encoder topology and plain blocks (depthwise conv -> norm -> GELU, no residual),
+# whatever the defaults of the plan-topology network are.
+PAPER_SETTINGS = Rep3DSettings(topology="paper", stage_convs="one", block_layer_scale=None, block_pointwise=False)
+
+
 def _class_name(dotted: str) -> str:
     return dotted.rsplit(".", 1)[-1]
 

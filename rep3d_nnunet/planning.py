@@ -18,7 +18,7 @@ import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-from .config import REP3D_NETWORK_CLASS, Rep3DSettings, rep3d_architecture
+from .config import PAPER_SETTINGS, REP3D_NETWORK_CLASS, Rep3DSettings, rep3d_architecture
 
 DEFAULT_PLANS_IDENTIFIER = "Rep3DPlans"
 PAPER_PLANS_IDENTIFIER = "Rep3DPaperPlans"
@@ -100,7 +100,7 @@ class PaperPresetPlanner(Rep3DPlanner):
     """The paper's preprocessing and network (``preprocessing.PAPER_PRESETS``) as nnU-Net plans.
 
     Target spacing, intensity window with percentile min-max normalization (``Rep3DPaperPreprocessor``), 96^3 patches
-    at batch 2 and the paper's encoder (``Rep3DSettings(topology="paper")``) in 3d_fullres. No 3d_lowres; the 2d
+    at batch 2 and the paper's encoder (``config.PAPER_SETTINGS``) in 3d_fullres. No 3d_lowres; the 2d
     configuration nnU-Net always plans keeps a plan-topology Rep3D network (the paper has no 2D model). Preprocessed
     data gets its own identifier: the normalization differs from nnU-Net's.
 
@@ -112,7 +112,7 @@ class PaperPresetPlanner(Rep3DPlanner):
     """
 
     def __init__(self, dataset_name_or_id: str | int, preset: str, plans_name: str = PAPER_PLANS_IDENTIFIER,
-                 settings: Rep3DSettings = Rep3DSettings(topology="paper"), gpu_memory_target_in_gb: float = 40):
+                 settings: Rep3DSettings = PAPER_SETTINGS, gpu_memory_target_in_gb: float = 40):
         from .preprocessing import PAPER_PREPROCESSOR, paper_preset
 
         self.preset = paper_preset(preset)

@@ -19,7 +19,7 @@ from nnunetv2.training.nnUNetTrainer.variants.benchmarking.nnUNetTrainerBenchmar
 )
 
 from .adapters import AdapterSettings
-from .config import Rep3DSettings
+from .config import PAPER_SETTINGS, Rep3DSettings
 from .finetuning import DKATrainer, FinetuneOptimizer
 from .training import OptimizerSettings, Rep3DTrainer
 
@@ -83,7 +83,7 @@ METHODS: dict[str, Method] = {
 # ---- the paper's preset and its ablations (Tables 1-4, 7, 8, 9), generated from one table ----
 # Paper: AdamW lr 1e-4, weight decay 0.08, 60,000 iterations at batch 2 = 240 nnU-Net epochs of 250 iterations.
 PAPER_SCHEDULE = Schedule(240)
-_PAPER_NETWORK = Rep3DSettings(topology="paper")
+_PAPER_NETWORK = PAPER_SETTINGS  # plain Rep3D blocks, whatever the plan-topology default
 _PAPER_OPTIM = OptimizerSettings(lr=1e-4)
 
 
