@@ -154,7 +154,8 @@ def test_paper_preset_plans_preprocesses_trains_and_predicts(tmp_path):
     configuration["patch_size"] = [16, 16, 16]
     configuration["architecture"]["arch_kwargs"].update(
         {"features_per_stage": [4, 4, 8, 16], "n_stages": 4, "strides": [[1, 1, 1]] + [[2, 2, 2]] * 3,
-         "kernel_sizes": [[3, 3, 3]] * 4, "n_conv_per_stage_decoder": [1] * 3})
+         "kernel_sizes": [[3, 3, 3]] * 4, "n_conv_per_stage_decoder": [1] * 3,
+         "n_conv_per_stage": [2, 1, 1, 2], "n_blocks_per_stage": [0, 2, 2, 0]})
     plans["plans_name"] = "Rep3DPaperPlansCPU"
     (preprocessed / "Rep3DPaperPlansCPU.json").write_text(json.dumps(plans))
     run(["nnUNetv2_train", "961", "3d_fullres", "0", "-tr", TINY_TRAINER, "-p", "Rep3DPaperPlansCPU",
