@@ -111,3 +111,16 @@ def test_no_low_module_imports_the_variant_table():
              "assert 'rep3d_nnunet.variants' not in sys.modules, 'variants imported'")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in tests/helpers.py; a test module serving as another's library breaks when it moves."""
+    tests = Path(__file__).resolve().parent
+    borrowed = []
+    for path in sorted(tests.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            borrowed += [f"{path.name} imports {name}" for name in names
+                         if name.rsplit(".", 1)[-1].startswith("test_")]
+    assert borrowed == []
