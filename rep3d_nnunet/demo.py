@@ -50,8 +50,9 @@ def hippocampus_sentence(iterations: int, features: str) -> str:
         f"All three trainers ran {iterations} iterations on the same plan (nnU-Net's, features {features} so that a "
         f"CPU runs it in minutes) and fold: a first-minutes budget, {NNUNET_DEFAULT_ITERATIONS // iterations:,} times "
         f"less than nnU-Net's {NNUNET_DEFAULT_ITERATIONS:,} iterations behind its published ~0.90 / 0.89 Dice. Which "
-        f"network is better depends on the budget: see docs/hippocampus.md for 200 cases, 3 folds and up to 3,200 "
-        f"iterations. The Rep3D row is the exported, folded model, predicted without nnUNet_extTrainer."
+        f"network is better depends on the budget and on what is counted (iterations or seconds): docs/hippocampus.md "
+        f"has 200 cases, 3 folds, 100 to 1,600 iterations. The Rep3D row is the exported, folded model, predicted "
+        f"without nnUNet_extTrainer."
     )
 
 
