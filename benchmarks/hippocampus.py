@@ -576,11 +576,12 @@ def dice_table(rows: list[dict]) -> list[str]:
 
 
 def class_table(rows: list[dict]) -> list[str]:
-    """Dice per class at the last probe that has complete folds."""
+    """Dice per class at the last probe of those with the most complete folds (a longer probe run on fewer folds
+    has its means in the Dice table)."""
     iterations = [i for i in _iterations(rows) if complete_folds(rows, i)]
     if not iterations:
         return []
-    last = iterations[-1]
+    last = max(iterations, key=lambda i: (len(complete_folds(rows, i)), i))
     folds = complete_folds(rows, last)
     lines = [f"**Dice per class after {last} iterations** (folds {', '.join(map(str, folds))})\n",
              "| trainer | anterior | posterior | mean |", "| --- | --- | --- | --- |"]
