@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+import importlib.util
 import inspect
 import os
 import pkgutil
@@ -46,10 +47,15 @@ def nnunet_version() -> tuple[int, int, int]:
 
 
 def trainer_folder() -> Path:
-    """The installed ``nnUNet_trainers`` folder, where our trainers live: what ``nnUNet_extTrainer`` must list."""
-    import nnUNet_trainers
+    """The installed ``nnUNet_trainers`` folder, where our trainers live: what ``nnUNet_extTrainer`` must list.
 
-    return Path(nnUNet_trainers.__file__).resolve().parent
+    Found without importing it: the package imports the variant table, which sits above this module in the data flow.
+    """
+    spec = importlib.util.find_spec("nnUNet_trainers")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("The nnUNet_trainers folder is not installed beside rep3d_nnunet. Fix: pip install -e "
+                                  ". in the rep3d-nnunet repository (it installs both).")
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
 
 
 def has_external_trainer_folders() -> bool:
