@@ -2,15 +2,15 @@
 
 Usage:
     python benchmarks/bench_ops.py [--device cuda] [--repeats N] [--max-direct-seconds S] [--amp]
-    python benchmarks/bench_ops.py --calibrate [--device cuda]   # refit the cost-model constants of backend_choice.py
+    python benchmarks/bench_ops.py --calibrate [--device cuda]   # refit the constants of backend_cost_model.py
 
 Method: one process; per input shape the same input tensor and, per kernel size, the same weights for every variant;
 variants interleaved within each repeat; warm-up first (cuFFT plans, cudnn.benchmark, allocator); medians. CUDA
 times are taken between torch.cuda.synchronize() calls, peak memory with torch.cuda.max_memory_allocated() after a
-reset (it includes the input, weights and gradients). Direct variants whose modelled time (backend_choice.estimate_seconds)
-exceeds --max-direct-seconds are skipped and reported as such; a variant whose single run takes longer than 5 s
-counts its warm-up run as a sample and is repeated at most --slow-budget seconds in total, so the table finishes in
-minutes on a CPU (the runs column says how many samples each median has).
+reset (it includes the input, weights and gradients). Direct variants whose modelled time
+(backend_cost_model.estimate_seconds) exceeds --max-direct-seconds are skipped and reported as such; a variant whose
+single run takes longer than 5 s counts its warm-up run as a sample and is repeated at most --slow-budget seconds in
+total, so the table finishes in minutes on a CPU (the runs column says how many samples each median has).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rep3d_nnunet import backend_choice, ops  # noqa: E402
+from rep3d_nnunet import backend_cost_model, ops  # noqa: E402
 from rep3d_nnunet.kernel_geometry import conv_plan  # noqa: E402
 
 SHAPES = ((1, 32, 32), (2, 48, 48))  # (N, C, D): input [N, C, D, D, D]
@@ -85,7 +85,7 @@ def benchmark(device: torch.device, repeats: int, max_direct_seconds: float, slo
         for k in kernels:
             weight = (torch.randn(channels, 1, k, k, k, generator=generator) / k ** 1.5).to(device).requires_grad_()
             for amp in amp_modes:
-                estimate = backend_choice.estimate_seconds(x.shape, k, device.type, requires_grad=True)
+                estimate = backend_cost_model.estimate_seconds(x.shape, k, device.type, requires_grad=True)
                 variants = ["fft"]
                 skipped = ""
                 if estimate["direct"] > max_direct_seconds:
@@ -189,7 +189,7 @@ def main() -> None:
                         help="comma-separated NxCxD inputs [N, C, D, D, D], default %(default)s")
     parser.add_argument("--kernels", default=",".join(map(str, KERNELS)), help="default %(default)s")
     parser.add_argument("--calibrate", action="store_true",
-                        help="fit the cost-model constants of --device instead (backend_choice._by_key)")
+                        help="fit the cost-model constants of --device instead (backend_cost_model._by_key)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.calibrate:

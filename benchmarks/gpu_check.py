@@ -6,11 +6,12 @@
 Sections (each a row group of the table; a section that fails is reported as such and the others still run):
     env        GPU, driver-visible versions: torch, CUDA, cuDNN, nnunetv2, rep3d_nnunet
     ops        depthwise 21^3 forward+backward, torch's direct conv vs the FFT op, fp32 and fp16 autocast
-    backends   the large-kernel backend decisions of a Rep3D training step at 128^3 under fp16 autocast, as
-               nnU-Net's run takes them (measured forward+backward of both backends per shape, backend_choice)
+    backends   the large-kernel backend decisions of a Rep3D run at 128^3 under torch's autocast dtype (fp16), as our
+               trainers take them before the first step and record them with the model: the training step and a
+               batch-1 eval forward (measured forward+backward of both backends per shape, backend_measurement)
     precision  fp16 autocast + GradScaler against fp32, every family (LRBM, fixed prior, vanilla, CSLA, UX-Net +
                LRBM, DKA) and both backends: gradients of a step and predicted logits (benchmarks/bench_precision.py)
-    calibrate  the cost model's CUDA constants (backend_choice._by_key, which size the planner's FFT workspaces)
+    calibrate  the cost model's CUDA constants (backend_cost_model._by_key, which size the planner's FFT workspaces)
                fitted on this GPU (benchmarks/bench_ops.py --calibrate)
     network    one nnU-Net training iteration at 128^3, batch 2, AMP (fp16 + GradScaler), eager and torch.compile'd:
                nnU-Net's PlainConvUNet vs Rep3D (LRBM) and Rep3D with plain kernels (modulation none); ms, peak
@@ -136,15 +137,17 @@ def section_backends(device, sizes, args) -> list[Row]:
     from bench_network import build, default_plan
 
     from rep3d_nnunet import backend_choice
+    from rep3d_nnunet.backend_cost_model import choose_backend
+    from rep3d_nnunet.backend_measurement import measure_network
 
     plan = default_plan(sizes.patch, sizes.max_features)
     network = build("rep3d", plan).to(device)
     backend_choice.forget_decisions()
     policy = os.environ.get(backend_choice.POLICY_VARIABLE)
     os.environ[backend_choice.POLICY_VARIABLE] = "measure"  # on the CPU smoke run too
-    try:
-        backend_choice.measure_network(network, (sizes.batch, 1, *plan["patch_size"]), device,
-                                       torch.float16 if device.type == "cuda" else None)
+    try:  # what ScheduledTrainer.measure_conv_backends runs: nnU-Net's train_step autocasts on CUDA only
+        measure_network(network, (sizes.batch, 1, *plan["patch_size"]), device,
+                        torch.get_autocast_dtype(device.type) if device.type == "cuda" else None)
     finally:
         if policy is None:
             os.environ.pop(backend_choice.POLICY_VARIABLE)
@@ -152,10 +155,10 @@ def section_backends(device, sizes, args) -> list[Row]:
             os.environ[backend_choice.POLICY_VARIABLE] = policy
     rows = []
     for key, decision in backend_choice.decisions().items():
-        model = backend_choice.choose_backend((1, key.channels, *key.sample_shape[1:]), key.kernel,
-                                              device.type, dtype=key.dtype)
+        model = choose_backend((1, key.channels, *key.sample_shape[1:]), key.kernel, device.type, dtype=key.dtype)
         rows.append(Row("backends", key.describe(), decision.describe(),
-                        f"cost model: {model}" + ("" if model == decision.backend else " (differs)")))
+                        f"cost model: {model}" + ("" if model == decision.backend else " (differs)")
+                        + f"; recorded for {key.device}"))
     backend_choice.forget_decisions()
     return rows
 
@@ -179,7 +182,8 @@ def section_calibrate(device, sizes, args) -> list[Row]:
     for (backend, grad), (per_unit, overhead) in fitted.items():
         rows.append(Row("calibrate", f"{backend}, {'training' if grad else 'inference'}",
                         f"{per_unit:.3g} s/unit + {overhead * 1e3:.3g} ms",
-                        "backend_choice._DIRECT_SECONDS_PER_MAC/_OVERHEAD" if backend == "direct" else "backend_choice._FFT_SECONDS_PER_UNIT"
+                        "backend_cost_model._DIRECT_SECONDS_PER_MAC/_OVERHEAD" if backend == "direct"
+                        else "backend_cost_model._FFT_SECONDS_PER_UNIT"
                         "/_OVERHEAD"))
     return rows
 

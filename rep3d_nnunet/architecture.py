@@ -22,6 +22,7 @@ from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecod
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from torch import nn
 
+from .backend_choice import adopt as adopt_conv_backend_decisions
 from .blocks import Rep3DBlock, UXNetBlock
 from .config import BLOCK_TYPES
 
@@ -178,6 +179,8 @@ class Rep3DUNet(nn.Module):
             None: ``n_conv_per_stage`` plain convolutions per stage.
         deep_supervision: one output per decoder resolution (highest first), as nnU-Net expects.
         deploy: build the folded form directly (plain kernels, no generator).
+        conv_backend_decisions: the large-kernel backend decisions recorded with the model (an export's plans carry
+            them here): adopted for the devices this machine has (``backend_choice.adopt``).
 
     Shapes:
         [N, input_channels, *patch] -> [N, num_classes, *patch] (or a list over scales with deep supervision)
@@ -217,8 +220,10 @@ class Rep3DUNet(nn.Module):
         n_residual_blocks_per_stage: Sequence[int] | None = None,
         block_pointwise: bool = False,
         deploy: bool = False,
+        conv_backend_decisions: dict | None = None,
     ):
         super().__init__()
+        adopt_conv_backend_decisions(conv_backend_decisions)
         self.encoder = Rep3DEncoder(
             input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides, large_kernel_sizes,
             n_blocks_per_stage, n_conv_per_stage, conv_bias, norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs,

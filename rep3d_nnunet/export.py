@@ -24,11 +24,13 @@ from torch import nn
 
 from .blocks import ModulatedDepthwiseConv
 from .model_folder import CHECKPOINT_PATTERN, ModelFolder, ModelFolderError
-from .nnunet_compat import build_network, find_trainer_class
+from .config import REP3D_NETWORK_CLASS
+from .nnunet_compat import build_network, find_trainer_class, recorded_conv_backends
 
 # The trainer an exported checkpoint names: nnU-Net's own, found without nnUNet_extTrainer.
 DEPLOY_TRAINER = "nnUNetTrainer"
-
+# The Rep3DUNet argument that carries the training's backend decisions into an export (``architecture.Rep3DUNet``).
+DEPLOY_CONV_BACKENDS_KEY = "conv_backend_decisions"
 
 def fold(network: nn.Module) -> nn.Module:
     """Folds every module that has a training-only form, in place, and returns the network in eval mode.
@@ -104,7 +106,8 @@ def _plain(value):
 
 
 def deploy_plans(folder: ModelFolder, checkpoint: dict, trainer_class: type, plans_name: str | None) -> dict:
-    """The folder's plans with the checkpoint's configuration describing the folded network.
+    """The folder's plans with the checkpoint's configuration describing the folded network, and the backend
+    decisions the training recorded (``backend_choice``) in its ``arch_kwargs`` (``DEPLOY_CONV_BACKENDS_KEY``).
 
     Raises:
         ModelFolderError: the trainer has no deploy form (it is not a Rep3D trainer: nothing to fold).
@@ -117,8 +120,13 @@ def deploy_plans(folder: ModelFolder, checkpoint: dict, trainer_class: type, pla
         )
     plans = copy.deepcopy(folder.plans)
     configuration = checkpoint["init_args"]["configuration"]
-    plans["configurations"][configuration]["architecture"] = trainer_class.deploy_architecture(
-        folder.plans_manager, folder.configuration_manager(checkpoint))
+    architecture = trainer_class.deploy_architecture(folder.plans_manager, folder.configuration_manager(checkpoint))
+    # The training's backend decisions hold for the folded network too (its large convolutions have the same shapes):
+    # nnU-Net's default trainer builds it from these arch_kwargs alone, and the network adopts them when built.
+    recorded = recorded_conv_backends(folder.plans_manager.get_configuration(configuration).network_arch_init_kwargs)
+    if recorded and architecture.get("network_class_name") == REP3D_NETWORK_CLASS:
+        architecture["arch_kwargs"][DEPLOY_CONV_BACKENDS_KEY] = copy.deepcopy(recorded)
+    plans["configurations"][configuration]["architecture"] = architecture
     if plans_name:
         plans["plans_name"] = plans_name
     return plans

@@ -16,7 +16,9 @@ trainer classes by name.
   size (large kernels are capped per stage by the feature map) and spacing, and a fine-tuned network the source
   trainer recorded beside the entry. Our trainers record these in the model folder's plans, inside ``arch_kwargs``
   under ``BUILD_INPUTS_KEY`` (``record_build_inputs``); ``network_build_inputs`` rebuilds the configuration from them
-  and removes the key in either form before anything else reads the ``arch_kwargs``.
+  and removes the key in either form before anything else reads the ``arch_kwargs``. The same entry carries the
+  large-kernel backend decisions the training took (``CONV_BACKENDS_KEY``, ``backend_choice.record``): building a
+  network from such plans (nnU-Net's predictor, ``--val``, the export) adopts them (``backend_choice.adopt``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import NamedTuple
 
 SUPPORTED_RANGE = ">=2.6.2,<2.9"
 BUILD_INPUTS_KEY = "rep3d_build_inputs"
+CONV_BACKENDS_KEY = "conv_backends"  # inside the build inputs: {device identity: [decision, ...]}
 _ARCHITECTURE_ENTRY_KEYS = ("network_class_name", "arch_kwargs", "_kw_requires_import")
 
 
@@ -182,6 +185,7 @@ def own_build_inputs(trainer, *args, **kwargs) -> BuildInputs:
     """A trainer's call of its own ``build_network_architecture`` (``nnUNetTrainer.initialize``) in either form, as
     the new form: the trainer's plans and configuration, the channels and deep supervision of the call."""
     _, bound = _bind(args, kwargs)
+    adopt_conv_backends(trainer.configuration_manager.network_arch_init_kwargs)
     return BuildInputs(trainer.plans_manager, without_build_inputs(trainer.configuration_manager),
                        bound["num_input_channels"], bound["num_output_channels"],
                        bool(bound.get("enable_deep_supervision", True)))
@@ -190,7 +194,7 @@ def own_build_inputs(trainer, *args, **kwargs) -> BuildInputs:
 def network_build_inputs(*args, **kwargs) -> BuildInputs:
     """The arguments of a ``build_network_architecture`` call on the class (nnU-Net's predictor) in either form, as
     the new form. In the old form the configuration is rebuilt from the architecture entry and the build inputs
-    recorded in it.
+    recorded in it. Backend decisions recorded in the build inputs are adopted (``adopt_conv_backends``).
 
     Raises:
         ValueError: an old-form call on an architecture entry without recorded build inputs (a model folder trained
@@ -202,9 +206,11 @@ def network_build_inputs(*args, **kwargs) -> BuildInputs:
     deep_supervision = bool(bound.get("enable_deep_supervision", True))
     channels = bound["num_input_channels"], bound["num_output_channels"]
     if not old_form:
+        adopt_conv_backends(bound["configuration_manager"].network_arch_init_kwargs)
         return BuildInputs(bound["plans_manager"], without_build_inputs(bound["configuration_manager"]), *channels,
                            deep_supervision)
     arch_kwargs = dict(bound["arch_init_kwargs"])
+    adopt_conv_backends(arch_kwargs)
     recorded = arch_kwargs.pop(BUILD_INPUTS_KEY, None)
     if recorded is None:
         raise ValueError(
@@ -219,22 +225,46 @@ def network_build_inputs(*args, **kwargs) -> BuildInputs:
     return BuildInputs(None, ConfigurationManager(configuration), *channels, deep_supervision)
 
 
-def record_build_inputs(plans: dict, configuration_name: str) -> None:
+def record_build_inputs(plans: dict, configuration_name: str, conv_backends: dict | None = None) -> None:
     """Writes into ``plans`` (in place) what the old form of ``build_network_architecture`` needs besides the
     architecture entry: the configuration's patch size and spacing, and the architecture entry's other keys (a
     fine-tuned model's source trainer). The entry is written out in the configuration itself (resolving
-    ``inherits_from``); a Rep3D trainer calls this before nnU-Net saves the model folder's plans.json."""
+    ``inherits_from``); a Rep3D trainer calls this before nnU-Net saves the model folder's plans.json.
+
+    Args:
+        conv_backends: the backend decisions to record with the model (``backend_choice.record``); None keeps those
+            already recorded, if any.
+    """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     resolved = PlansManager(copy.deepcopy(plans)).get_configuration(configuration_name)
     architecture = copy.deepcopy(resolved.configuration["architecture"])
     arch_kwargs = architecture["arch_kwargs"]
+    previous = recorded_conv_backends(arch_kwargs)
     arch_kwargs.pop(BUILD_INPUTS_KEY, None)
     arch_kwargs[BUILD_INPUTS_KEY] = {
         "patch_size": [int(p) for p in resolved.patch_size], "spacing": [float(s) for s in resolved.spacing],
         "architecture": {k: v for k, v in architecture.items() if k not in _ARCHITECTURE_ENTRY_KEYS},
     }
+    conv_backends = previous if conv_backends is None else conv_backends
+    if conv_backends:
+        arch_kwargs[BUILD_INPUTS_KEY][CONV_BACKENDS_KEY] = conv_backends
     plans["configurations"][configuration_name]["architecture"] = architecture
+
+
+def recorded_conv_backends(arch_kwargs: dict) -> dict | None:
+    """The backend decisions recorded in a configuration's ``arch_kwargs`` (``record_build_inputs``), or None."""
+    return (arch_kwargs.get(BUILD_INPUTS_KEY) or {}).get(CONV_BACKENDS_KEY)
+
+
+def adopt_conv_backends(arch_kwargs: dict) -> None:
+    """Makes the backend decisions recorded in ``arch_kwargs`` this process's, for the devices this machine has
+    (``backend_choice.adopt``: a record of another device is ignored with one printed line)."""
+    recorded = recorded_conv_backends(arch_kwargs)
+    if recorded:
+        from .backend_choice import adopt
+
+        adopt(recorded)
 
 
 def build_network(trainer_class: type, plans_manager, configuration_manager, num_input_channels: int,

@@ -2,9 +2,10 @@
 
 ``depthwise_conv(x, weight, bias, backend)`` has the semantics of ``F.conv2d/conv3d(x, weight, bias, padding=k // 2,
 groups=C)``: stride 1, zero "same" padding, cross-correlation, one filter per channel. ``direct`` is torch's conv with
-the kernel cropped to the taps that can touch the input (``kernel_geometry``), ``fft`` the exact FFT path
-(``fft_maths``, one operator for torch.compile in ``fft_operator``); ``auto`` asks ``backend_choice`` (measured on
-first use on CUDA, the cost model on the CPU; the same decision in training and prediction).
+the kernel cropped to the taps that can touch the input, ``fft`` the exact FFT path (both in ``conv_backends``);
+``auto`` reads the decision for this shape (``backend_choice``: one per device model, dtype, memory format and
+per-sample shape, the same in training and prediction). A shape undecided under the ``measure`` policy is measured
+once, here, in eager mode (``backend_measurement``); our trainers decide every shape of a run before it starts.
 """
 
 from __future__ import annotations
@@ -12,22 +13,14 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from . import backend_choice
+from . import backend_choice, backend_measurement
 from .backend_choice import BACKENDS
+from .conv_backends import convolve, direct_conv
 from .fft_maths import apply_spectrum, prepared_spectrum
-from .fft_operator import autocast_disabled, compute_dtypes, fft_conv
-from .kernel_geometry import ConvPlan, check_kernel_size, conv_plan, crop_slices
-
-
-def _direct_conv(x: Tensor, weight: Tensor, bias: Tensor | None, plan: ConvPlan) -> Tensor:
-    # Cropping is exact (the dropped taps only ever meet padding) and cuts the multiply-adds of all three passes.
-    if plan.cropped:
-        weight = weight[(slice(None), slice(None)) + crop_slices(plan)]
-    conv = F.conv2d if len(plan.spatial) == 2 else F.conv3d
-    return conv(x, weight, bias, stride=1, padding=plan.radii, groups=x.shape[1])
+from .fft_operator import autocast_disabled, compute_dtypes
+from .kernel_geometry import ConvPlan, check_kernel_size, conv_plan
 
 
 def fan_out_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, backend: str = "auto") -> Tensor:
@@ -54,11 +47,7 @@ def fan_out_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, backend:
                          f"use depthwise_conv for one filter per channel.")
     plan, backend = _checked_plan(x, weight, bias, backend, channels=weight.shape[0] if weight.ndim else 0,
                                   operation="fan_out")
-    if backend == "fft":
-        return fft_conv(x, weight, bias)
-    weight = weight[(slice(None), slice(None)) + crop_slices(plan)] if plan.cropped else weight
-    conv = F.conv2d if len(plan.spatial) == 2 else F.conv3d
-    return conv(x, weight, bias, stride=1, padding=plan.radii)
+    return convolve(backend, "fan_out", x, weight, bias, plan)
 
 
 def depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, backend: str = "auto") -> Tensor:
@@ -69,7 +58,8 @@ def depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, backen
         weight: [C, 1, *k], every k odd (anisotropic allowed, e.g. (1, 21, 21)); may be larger than the input.
         bias: [C] or None.
         backend: ``"direct"`` (torch's conv), ``"fft"`` (real FFTs for forward and both gradients) or ``"auto"``
-            (``backend_choice``: one decision per device, dtype and per-sample shape, whatever the grad mode).
+            (``backend_choice``: one decision per device model, dtype, memory format and per-sample shape, whatever
+            the grad mode).
 
     Returns:
         [N, C, *spatial]. Under autocast the dtype torch's conv would give (the autocast dtype; the FFT itself runs
@@ -80,9 +70,7 @@ def depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, backen
             input and weight dtypes differing outside autocast (FFT backend).
     """
     plan, backend = _checked_plan(x, weight, bias, backend, channels=x.shape[1] if x.ndim > 1 else 0)
-    if backend == "fft":
-        return fft_conv(x, weight, bias)
-    return _direct_conv(x, weight, bias, plan)
+    return convolve(backend, "depthwise", x, weight, bias, plan)
 
 
 class PreparedKernel(NamedTuple):
@@ -147,7 +135,7 @@ def apply_prepared_kernel(x: Tensor, prepared: PreparedKernel) -> Tensor:
         raise ValueError(f"The kernel was prepared for inputs of spatial shape {prepared.plan.spatial}, got "
                          f"{tuple(x.shape[2:])}; prepare it again for this shape.")
     if prepared.backend != "fft":
-        return _direct_conv(x, prepared.kernel, prepared.bias, prepared.plan)
+        return direct_conv(x, prepared.kernel, prepared.bias, prepared.plan, groups=x.shape[1])
     with autocast_disabled(x.device.type):
         y = apply_spectrum(x, prepared.kernel, prepared.bias, prepared.plan, prepared.compute_dtype)
     return y.to(prepared.result_dtype)
@@ -157,34 +145,25 @@ def _checked_plan(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str, 
                   operation: str = "depthwise") -> tuple[ConvPlan, str]:
     """Validates the arguments of a conv with ``channels`` outputs; returns its plan and the backend to use.
 
-    For ``auto`` a shape undecided under the ``measure`` policy is measured here, in eager mode, before the decision
-    is read (``backend_choice``); inside a torch.compile trace it is decided without measuring.
+    For ``auto`` a shape undecided under the ``measure`` policy is measured first, in eager mode and on fresh
+    tensors (``backend_measurement.measure``; while a network's pre-measurement collects, only noted); inside a
+    torch.compile trace it is decided without measuring.
     """
     device_type = x.device.type
     autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
     dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+    memory_format = backend_choice.memory_format_of(x)
     # the batch axis stays out: it is the one axis torch.compile may make dynamic (a symbol, not a constant)
     shapes = (tuple(x.shape[1:]), tuple(weight.shape), None if bias is None else tuple(bias.shape), channels)
     if backend == "auto" and not torch.compiler.is_compiling():
-        plan, _ = _geometry(*shapes, "direct", operation, str(x.device), dtype)  # validates before measuring
-        key = backend_choice.Key(operation, str(x.device), dtype, tuple(x.shape[1:]), plan.kernel, channels)
-        if backend_choice.needs_measurement(key):
-            backend_choice.measure(key, x.shape[0], _measurement_run(x, weight, bias, operation))
-    return _geometry(*shapes, backend, operation, str(x.device), dtype)
-
-
-def _measurement_run(x: Tensor, weight: Tensor, bias: Tensor | None, operation: str):
-    """One forward and backward of this convolution on fresh tensors of the same shapes, for a backend."""
-    def run(backend: str) -> None:
-        with torch.inference_mode(False), torch.enable_grad():
-            inputs = torch.randn(x.shape, dtype=x.dtype, device=x.device, requires_grad=True)
-            kernel = torch.randn(weight.shape, dtype=weight.dtype, device=weight.device, requires_grad=True)
-            offset = None if bias is None else torch.zeros(bias.shape, dtype=bias.dtype, device=bias.device,
-                                                           requires_grad=True)
-            conv = fan_out_conv if operation == "fan_out" else depthwise_conv
-            conv(inputs, kernel, offset, backend).float().sum().backward()
-
-    return run
+        plan, _ = _geometry(*shapes, "direct", operation, str(x.device), dtype, memory_format)  # validates first
+        key = backend_choice.Key(operation, backend_choice.device_identity(str(x.device)), dtype, memory_format,
+                                 tuple(x.shape[1:]), plan.kernel, channels)
+        if backend_choice.undecided(key):
+            backend_measurement.measure(backend_choice.ConvCall(key, x.shape[0], x.dtype, weight.dtype,
+                                                                bias is not None, dtype if autocast else None,
+                                                                x.device))
+    return _geometry(*shapes, backend, operation, str(x.device), dtype, memory_format)
 
 
 # Pure function of shapes, flags and the process's decisions: torch.compile calls it once while tracing and keeps its
@@ -192,7 +171,7 @@ def _measurement_run(x: Tensor, weight: Tensor, bias: Tensor | None, operation: 
 # and the backend choice for every convolution of the network. A decision, once taken, never changes.
 @torch.compiler.assume_constant_result
 def _geometry(sample_shape: tuple, weight_shape: tuple, bias_shape: tuple | None, channels: int, backend: str,
-              operation: str, device: str, dtype: torch.dtype) -> tuple[ConvPlan, str]:
+              operation: str, device: str, dtype: torch.dtype, memory_format: str) -> tuple[ConvPlan, str]:
     """``_checked_plan`` on shapes: ``sample_shape`` is the input's [C, *spatial] (without the batch axis)."""
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend {backend!r}; allowed values are {', '.join(map(repr, BACKENDS))}.")
@@ -212,6 +191,6 @@ def _geometry(sample_shape: tuple, weight_shape: tuple, bias_shape: tuple | None
         # One sample's shape decides, whatever the grad mode: a batch size that changes (the last batch,
         # torch.compile's dynamic batch axis) never switches backends or adds guards, and prediction computes what
         # training did.
-        backend = backend_choice.decided(backend_choice.Key(operation, device, dtype, sample_shape, plan.kernel,
-                                                            channels))
+        backend = backend_choice.decided(backend_choice.Key(operation, backend_choice.device_identity(device), dtype,
+                                                            memory_format, sample_shape, plan.kernel, channels))
     return plan, backend

@@ -18,8 +18,12 @@ from torch import nn
 from . import eval_cache
 from .blocks import ModulatedDepthwiseConv
 from .config import REP3D_NETWORK_CLASS, Rep3DSettings, describe_translation, rep3d_architecture
-from .backend_choice import measure_network
-from .nnunet_compat import network_build_inputs, own_build_inputs, record_build_inputs, without_build_inputs
+from . import backend_choice
+from .backend_measurement import measure_network
+from .nnunet_compat import (
+    adopt_conv_backends, network_build_inputs, own_build_inputs, record_build_inputs, recorded_conv_backends,
+    without_build_inputs,
+)
 
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -187,29 +191,44 @@ class ScheduledTrainer(nnUNetTrainer):
             self.num_val_iterations_per_epoch = self.val_iterations_per_epoch_override
 
     def on_train_start(self):
-        # nnUNetTrainer.on_train_start saves these plans as the model folder's plans.json: nnU-Net 2.6's predictor
-        # rebuilds the network from the architecture entry alone, so the entry carries what else the build needs
-        record_build_inputs(self.plans_manager.plans, self.configuration_name)
+        # Every large-kernel backend decision of the run is taken first, so that nnU-Net saves them with these plans
+        # as the model folder's plans.json (the checkpoints keep the same plans in their init_args): validation,
+        # --val, nnUNetv2_predict and the export read them back. nnU-Net 2.6's predictor rebuilds the network from
+        # the architecture entry alone, so the entry also carries what else the build needs.
+        self.measure_conv_backends()
+        plans = self.plans_manager.plans
+        previous = recorded_conv_backends(plans["configurations"][self.configuration_name]["architecture"].get(
+            "arch_kwargs", {}))
+        record_build_inputs(plans, self.configuration_name, backend_choice.record(previous) or None)
         super().on_train_start()
         self.check_plan()
-        self.measure_conv_backends()
 
     def check_plan(self) -> None:
         """Says before the first iteration what a plan made for another network means for ours (nothing here)."""
 
     def measure_conv_backends(self) -> None:
-        """Takes the large-kernel backend decisions of a training step before the first one runs (``backend_choice``:
-        measured on CUDA), so that a compiled network finds them decided and validation and prediction in this
-        process compute what training does. Once per trainer; validation without training (``--val``) does it too."""
+        """Takes every large-kernel backend decision of this run before its first step (``backend_measurement``:
+        measured on CUDA): the training step under the autocast dtype nnU-Net's train_step uses, validation and
+        batch-1 prediction tiles; under DDP the ranks agree here, and nowhere inside a forward. A compiled network
+        then finds them decided, and validation computes what training does. Once per trainer; validation without
+        training (``--val``) does it too, after ``load_checkpoint`` adopted what the checkpoint recorded."""
         if getattr(self, "_conv_backends_measured", False):
             return
         self._conv_backends_measured = True
         if not self.was_initialized:
             self.initialize()
-        cuda = self.device.type == "cuda"
+        # nnU-Net's train_step autocasts on CUDA only, to torch's autocast dtype for the device (float16 by default)
+        autocast_dtype = torch.get_autocast_dtype(self.device.type) if self.device.type == "cuda" else None
         measure_network(unwrapped_network(self.network),
                         (self.batch_size, self.num_input_channels, *self.configuration_manager.patch_size),
-                        self.device, torch.float16 if cuda else None)  # nnU-Net's train_step autocasts on CUDA only
+                        self.device, autocast_dtype)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """nnU-Net's load (``--c``, ``--val``), then the backend decisions recorded in the checkpoint's plans."""
+        super().load_checkpoint(filename_or_checkpoint)
+        plans = self.my_init_kwargs.get("plans") or {}  # nnU-Net sets these to the checkpoint's init_args
+        configuration = plans.get("configurations", {}).get(self.configuration_name, {})
+        adopt_conv_backends(configuration.get("architecture", {}).get("arch_kwargs", {}))
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         self.measure_conv_backends()

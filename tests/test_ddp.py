@@ -84,6 +84,50 @@ def test_two_ddp_workers_give_the_single_process_gradients(trainer, tmp_path):
             assert error < 1e-8, (step, name, error)
 
 
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "barrier", "reduce")
+
+
+def _one_rank_validates(rank: int, port: int, result_file: str) -> None:
+    """A training step on both ranks, then a validation on rank 0 alone (rank 1 has no validation case): whatever
+    the forward meets for the first time there (eval-mode shapes, the LRBM mask's convolutions in the eval path, a
+    new tile shape) must not wait for the other rank, so every collective is made to fail from that point."""
+    from rep3d_nnunet.backend_choice import POLICY_VARIABLE
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), POLICY_VARIABLE: "measure"})
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        configuration = plan_configuration(*PLANS["3d_anisotropic"])
+        network = build_network("nnUNetTrainerRep3D", configuration).train()
+        _loss(network(random_input(configuration, 2))).backward()
+        originals = {name: getattr(dist, name) for name in COLLECTIVES}
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a collective ran inside a forward")
+
+        for name in COLLECTIVES:
+            setattr(dist, name, refuse)
+        try:
+            if rank == 0:
+                with torch.no_grad():
+                    network.eval()(random_input(configuration, 1))
+                with torch.inference_mode():  # a tile shape training never met
+                    network(torch.randn(1, 1, 8, 32, 32))
+        finally:
+            for name, original in originals.items():
+                setattr(dist, name, original)
+        torch.save("validated", f"{result_file}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_no_collective_runs_inside_a_validation_forward(tmp_path):
+    result_file = str(tmp_path / "validated")
+    mp.spawn(_one_rank_validates, args=(_free_port(), result_file), nprocs=2, join=True)
+    assert [torch.load(f"{result_file}.{rank}") for rank in range(2)] == ["validated"] * 2
+
+
 def _randomise_batchnorm_statistics(network: torch.nn.Module) -> None:
     generator = torch.Generator().manual_seed(1)
     for module in network.modules():

@@ -16,7 +16,9 @@ TRAINER_FOLDER = "nnUNet_trainers"  # one node for the whole folder, whatever it
 # The data flow, lowest room first: a module may import those before it, never those after it. Modules not listed
 # (datasets, demo, environment, inspection pictures, results tables...) only have to keep the graph free of circles.
 FLOW = (
-    "kernel_geometry", "backend_choice", "fft_maths", "fft_operator", "ops",  # the large-kernel convolution
+    "kernel_geometry", "fft_maths", "fft_operator", "conv_backends",  # the large-kernel convolution's two backends
+    "backend_cost_model", "backend_choice", "backend_measurement",  # which backend: model, decisions, measurement
+    "ops",  # the large-kernel convolution's API
     "modulation", "blocks",  # the method
     "config", "architecture", "planning",  # plans -> architecture config -> network, and the planner sizing it
     "nnunet_compat", "training", "finetuning", "variants", TRAINER_FOLDER,  # trainers
