@@ -251,7 +251,7 @@ def _tiny_trainer(tmp_path, monkeypatch):
     dataset = {"channel_names": {"0": "MR"}, "labels": {"background": 0, "lesion": 1}, "numTraining": 2,
                "file_ending": ".nii.gz"}
     preprocessed = tmp_path / "nnUNet_preprocessed" / plans["dataset_name"] / "nnUNetPlans_3d_fullres"
-    preprocessed.mkdir(parents=True)
+    preprocessed.mkdir(parents=True, exist_ok=True)
     (preprocessed / "case.b2nd").write_bytes(b"")  # nnU-Net infers its dataset class from the file endings
 
     def save_model_folder_files(trainer):
@@ -290,6 +290,13 @@ def test_a_trained_model_predicts_with_the_backends_its_training_measured(tmp_pa
     used = {k: d.backend for k, d in backend_choice.decisions().items() if d.source == "measured"}
     assert used == trained and all(d.recorded for d in backend_choice.decisions().values()
                                    if d.source == "measured")
+
+    backend_choice.forget_decisions()  # nnUNetv2_train --val: a fresh process loads the checkpoint, then validates
+    validating = _tiny_trainer(tmp_path, monkeypatch)
+    validating.load_checkpoint(str(Path(trainer.output_folder) / "checkpoint_final.pth"))
+    validating.measure_conv_backends()  # what perform_actual_validation runs first
+    assert "measured forward+backward" not in capsys.readouterr().out
+    assert {k: d.backend for k, d in backend_choice.decisions().items() if d.source == "measured"} == trained
 
 
 def _ddp_worker(rank: int, port: int, result_file: str) -> None:
