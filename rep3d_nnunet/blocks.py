@@ -31,6 +31,22 @@ KERNEL_INITS = ("default", "modulated")
 EVAL_MASKS_KEPT = 8
 
 
+# What a conv's parameters are. Its state dict records it (``_extra_state``: the index into this tuple) because
+# nnU-Net's load_pretrained_weights (-pretrained_weights) keeps only the keys the receiving network has: an LRBM state
+# loaded into a vanilla or folded network would otherwise arrive as W alone, silently dropping M from W * M.
+KERNEL_STRUCTURES = ("none", "lrbm", "fixed", "csla", "folded")
+_STRUCTURE_WORDS = {
+    "none": "a plain kernel (vanilla, no modulation)",
+    "lrbm": "a kernel W modulated by a mask M (lrbm: learnable beta and an LRBM generator)",
+    "fixed": "a kernel W modulated by a mask M (fixed: beta fixed at 1)",
+    "csla": "a CSLA pair (a large and a small kernel)",
+    "folded": "a plain kernel folded from a trained one (an export: W * M merged into one kernel)",
+    "plain": "a plain kernel (a vanilla network's, or an export's folded one)",  # a state without the record
+}
+# One plain kernel each: the same convolution whichever of them the weights come from or go to.
+_PLAIN_STRUCTURES = {"none", "folded", "plain"}
+
+
 def _has_key_under(state_dict: dict, prefix: str) -> bool:
     return any(key.startswith(prefix) for key in state_dict)
 
@@ -44,8 +60,10 @@ class ModulatedDepthwiseConv(nn.Module):
 
     Training forward: y = depthwise_conv(x, W_eff) with W_eff = W * M (``lrbm``, ``fixed``), W (``none``), or
     aL * W + aS * pad(W_small) + matching bias (``csla``; by linearity one convolution with the merged kernel gives
-    exactly the two-branch output and gradients). W_eff is built functionally every training forward, so gradients
-    reach W, beta and the generator; in eval mode without autograd the mask is cached until a parameter changes.
+    exactly the two-branch output and gradients). W_eff is built functionally by one formula in every mode, so
+    gradients reach W, beta and the generator and eval (with or without autograd, compiled or eager) computes what
+    training computes; eager eval without autograd keeps the mask and the transformed kernel until a parameter
+    changes (``eval_cache``).
 
     Args:
         channels: C (input == output channels).
@@ -120,28 +138,28 @@ class ModulatedDepthwiseConv(nn.Module):
         if deploy:
             self._to_folded_structure()
 
-    # ---- the training-time kernel ----
-    def mask(self) -> torch.Tensor:
-        """M, shape [C or 1, 1, *k]; in eval mode without autograd computed in float64 and, when eager, cached.
+    # ---- the kernel ----
+    def _eval_cacheable(self) -> bool:
+        """Eager eval without autograd: the one forward that may keep what it derives from the weights (``eval_cache``).
 
-        Training forwards compute M in every step (gradients reach beta and the generator). In eval mode M is a
-        constant: it is kept per distinct content of the modulation's parameters (``EVAL_MASKS_KEPT`` per conv, in
-        ``eval_cache``), so reloading the same weights, or switching between the folds of an ensemble, finds its mask
-        again, and any change of the parameters (an optimizer step, a load, a write through ``.data``) computes it
-        anew. Compiled eval forwards (nnU-Net's validation) recompute the same float64 mask in the graph instead: the
-        cache is Python state that torch.compile cannot trace.
+        Every other forward (training, eval with autograd, compiled eval) computes the same kernel in its graph: the
+        cache is Python state that torch.compile cannot trace, and gradients must reach the parameters.
         """
-        if self.training or torch.is_grad_enabled():
+        return not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
+
+    def mask(self) -> torch.Tensor:
+        """M, shape [C or 1, 1, *k], computed as a training step computes it (float32, also under autocast).
+
+        There is one formula in every mode; eager eval without autograd keeps its result per distinct content of the
+        modulation's parameters (``EVAL_MASKS_KEPT`` per conv, in ``eval_cache``), so the tiles of a case share it,
+        and reloading the same weights, or switching between the folds of an ensemble, finds it again.
+        """
+        if not self._eval_cacheable():
             return self.modulation()
-        if torch.compiler.is_compiling():
-            return self.modulation(torch.float64).to(self.weight.dtype)
         tensors = [*self.modulation.parameters(), *self.modulation.buffers()]
         mask = CACHE.lookup(self, "mask", tensors, self.weight.dtype)
         if mask is None:
-            # float64, rounded once: the generator's norm reductions then give the same float32 mask whatever the
-            # thread count, so folded weights (computed at export) match the trained model's runtime mask bit for bit.
-            mask = CACHE.store(self, "mask", tensors, self.modulation(torch.float64).to(self.weight.dtype),
-                               self.weight.dtype, per_owner=EVAL_MASKS_KEPT)
+            mask = CACHE.store(self, "mask", tensors, self.modulation(), self.weight.dtype, per_owner=EVAL_MASKS_KEPT)
         return mask
 
     def train(self, mode: bool = True) -> "ModulatedDepthwiseConv":
@@ -180,9 +198,9 @@ class ModulatedDepthwiseConv(nn.Module):
             raise ValueError(
                 f"Expected input of shape [N, {self.channels}, {'D, ' if self.dim == 3 else ''}H, W], got {tuple(x.shape)}."
             )
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if not self._eval_cacheable():
             return depthwise_conv(x, self.effective_weight(), self.effective_bias(), backend=self.backend)
-        return apply_prepared_kernel(x, self._prepared_kernel(x))
+        return apply_prepared_kernel(x, self._prepared_kernel(x))  # the same values, the kernel transformed once
 
     def _prepared_kernel(self, x: torch.Tensor):
         """The kernel transformed for inputs like ``x`` (eval, eager): once per weights and input shape, so the tiles
@@ -218,32 +236,79 @@ class ModulatedDepthwiseConv(nn.Module):
             self.bias.copy_(bias)
         self._to_folded_structure()
 
+    def structure_name(self) -> str:
+        """One of ``KERNEL_STRUCTURES``: the modulation mode, or ``folded``."""
+        return "folded" if self.is_folded else self.modulation_mode
+
     def structure(self) -> str:
         """What the parameters are, in words: ``folded`` (a plain kernel W_deploy), or the training-time form."""
-        if self.is_folded:
-            return "a folded kernel (an export: W * M merged into one plain kernel)"
-        if self.modulation is not None:
-            generator = "learnable beta and an LRBM generator" if self.modulation.generator is not None else \
-                "beta fixed at 1"
-            return f"a kernel W modulated by a mask M ({self.modulation_mode}: {generator})"
-        if self.small_weight is not None:
-            return "a CSLA pair (a large and a small kernel)"
-        return "a plain kernel (vanilla, no modulation)"
+        return _STRUCTURE_WORDS[self.structure_name()]
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The structure's index in ``KERNEL_STRUCTURES``, a 0-d int64 tensor (a weights-only load accepts it, and
+        nnU-Net's load_pretrained_weights compares its shape like any other entry's)."""
+        return torch.tensor(KERNEL_STRUCTURES.index(self.structure_name()))
+
+    def set_extra_state(self, state) -> None:
+        """Nothing to set: ``_load_from_state_dict`` has refused any state of another structure."""
+
+    @staticmethod
+    def _state_structure(state_dict: dict, prefix: str) -> str | None:
+        """The structure a state dict holds under ``prefix``: its record, else what its keys show (states written
+        before the record existed), None without a kernel there.
+
+        Raises:
+            ValueError: a record that names no known structure.
+        """
+        record = state_dict.get(prefix + "_extra_state")
+        if isinstance(record, torch.Tensor) and record.numel() == 1 and not record.is_floating_point():
+            code = int(record)
+            if not 0 <= code < len(KERNEL_STRUCTURES):
+                raise ValueError(f"{_module_name(prefix)}: the weights record kernel structure {code}, which this "
+                                 f"version does not know ({', '.join(KERNEL_STRUCTURES)}); load them with the "
+                                 f"rep3d_nnunet version that wrote them.")
+            return KERNEL_STRUCTURES[code]
+        if _has_key_under(state_dict, prefix + "modulation.generator."):
+            return "lrbm"
+        if _has_key_under(state_dict, prefix + "modulation."):
+            return "fixed"
+        if prefix + "small_weight" in state_dict:
+            return "csla"
+        return "plain" if prefix + "weight" in state_dict else None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        plain_state = prefix + "weight" in state_dict and not (
-            _has_key_under(state_dict, prefix + "modulation.") or prefix + "small_weight" in state_dict)
-        if plain_state and (self.modulation is not None or self.small_weight is not None):
-            # Never fold silently: an export's plans build the folded form (deploy=True) before its weights load.
-            error_msgs.append(
-                f"{_module_name(prefix)}: the weights hold a plain kernel (a vanilla network's, or an export's folded "
-                f"one), but this network has {self.structure()}; loading them would drop its training-only "
-                f"parameters. Load them into the network their own plans build (an exported folder's plans build the "
-                f"folded form), or train with the trainer that wrote them.")
+        try:
+            source = self._state_structure(state_dict, prefix)
+        except ValueError as error:
+            error_msgs.append(str(error))
+            return
+        target = self.structure_name()
+        if source is not None and source != target and not {source, target} <= _PLAIN_STRUCTURES:
+            error_msgs.append(self._refusal(prefix, source, target))
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        record = prefix + "_extra_state"
+        if source is not None and record not in state_dict and record in missing_keys:
+            missing_keys.remove(record)  # a state written before the record existed: its keys told the structure
+
+    def _refusal(self, prefix: str, source: str, target: str) -> str:
+        """The one-line error for weights of structure ``source`` offered to this conv (structure ``target``)."""
+        name, words = _module_name(prefix), _STRUCTURE_WORDS
+        if source in _PLAIN_STRUCTURES:
+            # Never fold silently: an export's plans build the folded form (deploy=True) before its weights load.
+            return (f"{name}: the weights hold {words[source]}, but this network has {self.structure()}; loading them "
+                    f"would drop its training-only parameters. Load them into the network their own plans build (an "
+                    f"exported folder's plans build the folded form), or train with the trainer that wrote them.")
+        if target in _PLAIN_STRUCTURES:
+            return (f"{name}: the weights hold {words[source]}, but this network has {self.structure()}; loading them "
+                    f"would keep W and drop what the weights were trained to apply with it (W * M, or the merged "
+                    f"branches). Fold them first (rep3d-nnunet export MODEL_FOLDER writes the folded model folder, "
+                    f"rep3d_nnunet.export.fold(network) folds a network) and load the folded weights, or load them "
+                    f"into the network their own trainer builds.")
+        return (f"{name}: the weights hold {words[source]}, but this network has {self.structure()}; they train "
+                f"another kernel than this network applies. Load them into the network their own trainer builds.")
 
     def extra_repr(self) -> str:
         mode = "folded" if self.is_folded else self.modulation_mode
@@ -266,15 +331,21 @@ class ModulatedDepthwiseConv(nn.Module):
         return np.int64(self.channels) * np.int64(fft_workspace_voxels(tuple(input_size), self.kernel_size))
 
 
-@torch.no_grad()
-def fuse_batchnorm(conv: ModulatedDepthwiseConv, norm: _BatchNorm) -> None:
-    """Folds an eval-mode BatchNorm that directly follows a folded depthwise conv into the conv's weight and bias."""
+def batchnorm_folded(weight: torch.Tensor, bias: torch.Tensor | None, norm: _BatchNorm
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel [C, 1, *k] and bias [C] of a depthwise conv followed by an eval-mode BatchNorm, as one conv."""
     inv_std = torch.rsqrt(norm.running_var + norm.eps)
     scale = inv_std * norm.weight if norm.affine else inv_std
     shift = norm.bias if norm.affine else torch.zeros_like(scale)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
-    conv.weight.mul_(scale.view(-1, *([1] * (conv.weight.ndim - 1))))
-    new_bias = (bias - norm.running_mean) * scale + shift
+    bias = bias if bias is not None else torch.zeros_like(scale)
+    return weight * scale.view(-1, *([1] * (weight.ndim - 1))), (bias - norm.running_mean) * scale + shift
+
+
+@torch.no_grad()
+def fuse_batchnorm(conv: ModulatedDepthwiseConv, norm: _BatchNorm) -> None:
+    """Folds an eval-mode BatchNorm that directly follows a folded depthwise conv into the conv's weight and bias."""
+    weight, new_bias = batchnorm_folded(conv.weight, conv.bias, norm)
+    conv.weight.copy_(weight)
     if conv.bias is None:
         conv.bias = nn.Parameter(new_bias)
     else:
@@ -287,20 +358,21 @@ class _DepthwiseThenNorm(nn.Module):
     conv: ModulatedDepthwiseConv
     norm: nn.Module
 
-    def _can_fuse_norm(self) -> bool:
+    def can_fuse_norm(self) -> bool:
+        """Whether folding fuses the norm into the conv (a BatchNorm with running statistics)."""
         return isinstance(self.norm, _BatchNorm) and self.norm.track_running_stats and self.norm.running_mean is not None
 
     @torch.no_grad()
     def reparameterize(self) -> None:
         """Folds the conv's training-only parts; a BatchNorm with running statistics is fused into the conv."""
         self.conv.reparameterize()
-        if self._can_fuse_norm():
+        if self.can_fuse_norm():
             fuse_batchnorm(self.conv, self.norm)
             self.norm = nn.Identity()
 
     def _fuse_norm_at_construction(self) -> None:
         """The deploy form of a block whose BatchNorm folding fuses: no norm, a conv bias to hold the norm's shift."""
-        if self._can_fuse_norm():
+        if self.can_fuse_norm():
             self.norm = nn.Identity()
             if self.conv.bias is None:
                 self.conv.bias = nn.Parameter(torch.zeros(self.conv.channels))

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .blocks import ModulatedDepthwiseConv
+from .blocks import ModulatedDepthwiseConv, batchnorm_folded
 from .model_folder import CHECKPOINT_PATTERN, ModelFolder, ModelFolderError
 from .config import REP3D_NETWORK_CLASS
 from .nnunet_compat import build_network, find_trainer_class, recorded_conv_backends
@@ -31,6 +31,7 @@ from .nnunet_compat import build_network, find_trainer_class, recorded_conv_back
 DEPLOY_TRAINER = "nnUNetTrainer"
 # The Rep3DUNet argument that carries the training's backend decisions into an export (``architecture.Rep3DUNet``).
 DEPLOY_CONV_BACKENDS_KEY = "conv_backend_decisions"
+
 
 def fold(network: nn.Module) -> nn.Module:
     """Folds every module that has a training-only form, in place, and returns the network in eval mode.
@@ -69,7 +70,9 @@ class CheckpointReport:
     trainer_name: str
     parameters_before: int
     parameters_after: int
-    max_relative_logit_difference: float
+    kernels_checked: int
+    max_relative_kernel_difference: float  # the worst folded kernel (or bias) against W * M, relative L2
+    relative_logit_difference: float  # ||deployed - trained|| / ||trained|| over all logits (L2)
 
 
 def _verification_input(num_input_channels: int, patch_size: list[int]) -> torch.Tensor:
@@ -78,18 +81,55 @@ def _verification_input(num_input_channels: int, patch_size: list[int]) -> torch
     return torch.randn(1, num_input_channels, *patch_size, generator=torch.Generator().manual_seed(0))
 
 
-@torch.no_grad()
-def training_path_logits(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The logits with every large kernel built as a training step builds it (W * M computed in float32 in the
-    graph, no cache), the rest of the network in eval mode (norm statistics), without autograd's memory."""
-    convs = [m for m in network.modules() if isinstance(m, ModulatedDepthwiseConv)]
-    for conv in convs:
-        conv.training = True  # the attribute only: train() would also drop the eval caches
-    try:
-        return network(x)
-    finally:
-        for conv in convs:
-            conv.training = False
+def expected_folded_kernels(network: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """What folding must write into each large kernel of an unfolded network, by module name: W * M (CSLA: the merged
+    branches) and the bias, a following BatchNorm fused where the block fuses it.
+
+    Computed by the training formula with autograd on (the eval cache, which folding itself reads, is not consulted),
+    one kernel at a time, so no activation memory is held.
+    """
+    expected = {}
+    with torch.enable_grad():
+        for name, module in network.named_modules():
+            if isinstance(module, ModulatedDepthwiseConv) and not module.is_folded:
+                bias = module.effective_bias()
+                # copies: for a plain kernel these are the parameters themselves, which folding writes into
+                expected[name] = (module.effective_weight().detach().clone(),
+                                  None if bias is None else bias.detach().clone())
+    with torch.no_grad():
+        for name, module in network.named_modules():
+            conv_name = f"{name}.conv" if name else "conv"  # blocks whose fold fuses their norm into their conv
+            if conv_name in expected and callable(getattr(module, "can_fuse_norm", None)) and module.can_fuse_norm():
+                expected[conv_name] = batchnorm_folded(*expected[conv_name], module.norm)
+    return expected
+
+
+def _relative_l2(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((value.double() - reference.double()).norm() / reference.double().norm().clamp_min(1e-12)).item()
+
+
+def kernel_differences(deployed: nn.Module, expected: dict[str, tuple[torch.Tensor, torch.Tensor | None]]
+                       ) -> dict[str, float]:
+    """Relative L2 difference of each folded kernel (and its bias) of ``deployed`` from ``expected``, by module name.
+
+    Raises:
+        ModelFolderError: a kernel of ``expected`` is missing from ``deployed``, or is not folded there.
+    """
+    modules = dict(deployed.named_modules())
+    differences = {}
+    for name, (weight, bias) in expected.items():
+        conv = modules.get(name)
+        if not isinstance(conv, ModulatedDepthwiseConv) or not conv.is_folded:
+            raise ModelFolderError(f"The deployed network has no folded kernel at {name}; its plans do not describe "
+                                   f"the folded form of the trained network.")
+        if conv.weight.shape != weight.shape or (bias is None) != (conv.bias is None):
+            differences[name] = float("inf")
+            continue
+        difference = _relative_l2(conv.weight, weight)
+        if bias is not None:
+            difference = max(difference, _relative_l2(conv.bias, bias))
+        differences[name] = difference
+    return differences
 
 
 def _plain(value):
@@ -132,18 +172,23 @@ def deploy_plans(folder: ModelFolder, checkpoint: dict, trainer_class: type, pla
     return plans
 
 
-def fold_checkpoint(folder: ModelFolder, checkpoint_path: Path, plans: dict, tolerance: float = 1e-4
-                    ) -> tuple[dict, CheckpointReport]:
-    """Folds one training checkpoint and checks that the network nnU-Net will build from ``plans`` gives its logits: at
-    the full patch size, against the float32 training-time forward (not the eval cache that folding shares).
+def fold_checkpoint(folder: ModelFolder, checkpoint_path: Path, plans: dict, tolerance: float = 1e-4,
+                    kernel_tolerance: float = 1e-5) -> tuple[dict, CheckpointReport]:
+    """Folds one training checkpoint and checks the network nnU-Net will build from ``plans`` with its weights.
+
+    Two checks: every folded kernel (and bias) equals W * M (CSLA: the merged branches; a fused BatchNorm applied)
+    computed from the checkpoint by the training formula, within ``kernel_tolerance`` (relative L2, per kernel); and
+    the logits at the full patch size equal the trained network's eval forward within ``tolerance`` (relative L2 over
+    all logits). The first is what sees every kernel: a residual block whose layer scale is still 0 (where the default
+    network's blocks start) passes its input through whatever its kernel is, so the logits cannot see that kernel.
 
     Returns:
         The deployable checkpoint (folded weights, nnU-Net's default trainer name, no optimizer state, plain types
         only) and a report.
 
     Raises:
-        ModelFolderError: the checkpoint is unreadable, already exported, does not fit the plans, or the deployed
-            network's logits differ by more than ``tolerance`` (relative).
+        ModelFolderError: the checkpoint is unreadable, already exported, does not fit the plans, a folded kernel
+            differs from W * M by more than ``kernel_tolerance``, or the logits by more than ``tolerance``.
     """
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -152,7 +197,7 @@ def fold_checkpoint(folder: ModelFolder, checkpoint_path: Path, plans: dict, tol
     if checkpoint.get("rep3d_folded"):
         raise ModelFolderError(f"{checkpoint_path} is already exported (folded); {folder.path} needs no export. "
                                f"Export the training folder it came from instead.")
-    network = folder.load_network(checkpoint, checkpoint_path)
+    network = folder.load_network(checkpoint, checkpoint_path).eval()
     configuration_name = checkpoint["init_args"]["configuration"]
     deploy_manager = PlansManager(plans)
     deployed = build_network(nnUNetTrainer, deploy_manager, deploy_manager.get_configuration(configuration_name),
@@ -160,14 +205,21 @@ def fold_checkpoint(folder: ModelFolder, checkpoint_path: Path, plans: dict, tol
     patch_size = folder.configuration_manager(checkpoint).patch_size
     x = _verification_input(folder.num_input_channels(checkpoint), list(patch_size))
     parameters_before = count_parameters(network)
-    reference = training_path_logits(network.eval(), x)
+    expected = expected_folded_kernels(network)
     with torch.no_grad():
+        reference = network(x)
         fold(network)
         deployed.load_state_dict(network.state_dict())  # strict: the deploy form has exactly the folded parameters
         output = deployed.eval()(x)
-    difference = ((output - reference).norm() / reference.norm().clamp_min(1e-12)).item()
+    differences = kernel_differences(deployed, expected)
+    worst = max(differences, key=differences.get, default=None)
+    if worst is not None and not differences[worst] <= kernel_tolerance:
+        raise ModelFolderError(f"Folding {checkpoint_path} changed the kernel of {worst} by {differences[worst]:.2e} "
+                               f"(relative L2 against W * M from the checkpoint), above {kernel_tolerance:.0e}. "
+                               f"Nothing was written.")
+    difference = _relative_l2(output, reference)
     if not difference <= tolerance:
-        raise ModelFolderError(f"Folding {checkpoint_path} changed the logits by {difference:.2e} (relative), above "
+        raise ModelFolderError(f"Folding {checkpoint_path} changed the logits by {difference:.2e} (relative L2), above "
                                f"{tolerance:.0e}. Nothing was written.")
     deployable = {
         "network_weights": deployed.state_dict(),
@@ -183,7 +235,8 @@ def fold_checkpoint(folder: ModelFolder, checkpoint_path: Path, plans: dict, tol
         "rep3d_trainer_name": checkpoint["trainer_name"],
     }
     report = CheckpointReport(str(checkpoint_path.relative_to(folder.path)), checkpoint["trainer_name"],
-                              parameters_before, count_parameters(deployed), difference)
+                              parameters_before, count_parameters(deployed), len(differences),
+                              differences[worst] if worst is not None else 0.0, difference)
     return deployable, report
 
 
@@ -261,7 +314,8 @@ def run_from_args(args: argparse.Namespace) -> str:
     ModelFolder.open(Path(args.model_folder).resolve())  # a missing folder is named before its output is derived
     output = Path(args.output) if args.output else default_export_folder(args.model_folder)
     reports = export_model_folder(args.model_folder, output)
-    lines = [f"{r.path}: {r.parameters_before:,} parameters -> {r.parameters_after:,} after folding "
-             f"(logits differ by {r.max_relative_logit_difference:.1e} relative)" for r in reports]
+    lines = [f"{r.path}: {r.parameters_before:,} parameters -> {r.parameters_after:,} after folding; "
+             f"{r.kernels_checked} folded kernels equal W * M within {r.max_relative_kernel_difference:.1e}, logits "
+             f"within {r.relative_logit_difference:.1e} (relative L2)" for r in reports]
     return "\n".join(lines + [f"Exported {len(reports)} checkpoint(s) to {output}; it predicts with nnU-Net's own "
                               f"commands, without nnUNet_extTrainer."])

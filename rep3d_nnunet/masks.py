@@ -108,7 +108,7 @@ def _block_kernel(name: str, stage: int, block: int, conv: ModulatedDepthwiseCon
         return BlockKernel(name, stage, block, f"{conv.modulation_mode} (folded)", kernel_size, shown,
                            _channel_mean(conv.weight.abs()), reference, "P (beta = 1, reference)", None)
     if conv.modulation is not None:
-        # Eval mode without autograd: the mask the trained model actually applies (the cached float64 one).
+        # Eval mode without autograd: the mask the trained model applies (cached; the training formula).
         values = _channel_mean(conv.mask())
         prior = _channel_mean(conv.modulation.prior()[None, None])
         if conv.modulation_mode == "lrbm":

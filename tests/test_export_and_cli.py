@@ -93,29 +93,84 @@ def test_doctor_warns_when_nnunets_worker_pools_exceed_the_cores():
     assert not check_worker_processes({"nnUNet_def_n_proc": "16"}, cores=4).ok
 
 
-def test_export_checks_every_kernel_tap_against_the_training_forward(tmp_path, monkeypatch):
-    """A fold that got the outermost taps of the large kernels wrong is caught: the check runs at the full patch size
-    (its input used to be two total strides wide, where those taps never touch the input) and against the float32
-    training forward (not the eval cache the fold shares with the trained network's eval path)."""
+def _fold_with(monkeypatch, change) -> None:
+    """Every kernel folds, then ``change(conv)`` alters what was written (a fold bug, as the export must see it)."""
     import torch
 
     from rep3d_nnunet.blocks import ModulatedDepthwiseConv
+
+    original = ModulatedDepthwiseConv.reparameterize
+
+    @torch.no_grad()
+    def changed(self):
+        original(self)
+        change(self)
+
+    monkeypatch.setattr(ModulatedDepthwiseConv, "reparameterize", changed)
+
+
+def _outer_taps_moved(conv) -> None:
+    import torch
+
+    ring = torch.ones_like(conv.weight, dtype=torch.bool)
+    ring[(slice(None), slice(None)) + tuple(slice(1, k - 1) if k > 1 else slice(None) for k in conv.kernel_size)] \
+        = False
+    conv.weight[ring] += 1.0
+
+
+def test_export_checks_every_kernel_tap_against_the_training_forward(tmp_path, monkeypatch):
+    """A fold that got the outermost taps of the large kernels wrong is caught twice: by the per-kernel check against
+    W * M from the checkpoint, and by the logits at the full patch size (its input used to be two total strides wide,
+    where those taps never touch the input), which report what they are (relative L2)."""
+    from rep3d_nnunet import export
     from rep3d_nnunet.model_folder import ModelFolderError
     from tests.helpers import write_model_folder
 
     folder = write_model_folder(tmp_path, "nnUNetTrainerRep3D")
-    original = ModulatedDepthwiseConv.reparameterize
-
-    @torch.no_grad()
-    def wrong_outer_taps(self):
-        original(self)
-        ring = torch.ones_like(self.weight, dtype=torch.bool)
-        ring[(slice(None), slice(None)) + tuple(slice(1, k - 1) if k > 1 else slice(None) for k in self.kernel_size)] \
-            = False
-        self.weight[ring] += 1.0
-
-    monkeypatch.setattr(ModulatedDepthwiseConv, "reparameterize", wrong_outer_taps)
+    _fold_with(monkeypatch, _outer_taps_moved)
     output = tmp_path / "exported"
-    with pytest.raises(ModelFolderError, match="changed the logits"):
+    with pytest.raises(ModelFolderError, match=r"changed the kernel of encoder\.stages\.\d+\.\d+\.conv by .* "
+                                               r"\(relative L2 against W \* M from the checkpoint\)"):
         export_model_folder(folder, output)
     assert not output.exists()
+    monkeypatch.setattr(export, "kernel_differences", lambda deployed, expected: {name: 0.0 for name in expected})
+    with pytest.raises(ModelFolderError, match=r"changed the logits by .* \(relative L2\)"):
+        export_model_folder(folder, output)
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("change", ["zeroed", "perturbed", "bias"])
+def test_export_refuses_wrong_kernels_that_the_logits_cannot_see(tmp_path, monkeypatch, change):
+    """Issue 30.6: with the residual blocks' layer scale at 0 (where the default network starts), a block passes its
+    input through whatever its kernel is, so a logit check passes a fold that zeroed every kernel at 0.0 difference.
+    The per-kernel check refuses it, and a 1e-3 perturbation, and a wrong bias."""
+    import torch
+
+    from rep3d_nnunet.model_folder import ModelFolderError
+    from tests.helpers import write_model_folder
+
+    folder = write_model_folder(tmp_path, "nnUNetTrainerRep3D")
+    path = folder / "fold_0" / "checkpoint_final.pth"
+    checkpoint = torch.load(path, weights_only=False)
+    scales = [k for k in checkpoint["network_weights"] if k.endswith("layer_scale")]
+    assert scales, "the default network has residual Rep3D blocks"
+    for key in scales:
+        checkpoint["network_weights"][key].zero_()
+    torch.save(checkpoint, path)
+    changes = {"zeroed": lambda conv: conv.weight.zero_(),
+               "perturbed": lambda conv: conv.weight.mul_(1 + 1e-3),
+               "bias": lambda conv: conv.bias.add_(1e-3 * conv.bias.norm() + 1e-3)}
+    _fold_with(monkeypatch, changes[change])
+    output = tmp_path / "exported"
+    with pytest.raises(ModelFolderError, match="changed the kernel of .* against W \\* M from the checkpoint"):
+        export_model_folder(folder, output)
+    assert not output.exists()
+
+
+def test_export_reports_both_checks(tmp_path):
+    from tests.helpers import write_model_folder
+
+    folder = write_model_folder(tmp_path, "nnUNetTrainerRep3D")
+    (report,) = export_model_folder(folder, tmp_path / "exported")
+    assert report.kernels_checked > 0 and report.max_relative_kernel_difference <= 1e-5
+    assert report.relative_logit_difference <= 1e-4

@@ -189,3 +189,60 @@ def test_residual_blocks_fold_like_plain_ones(norm, pointwise):
     deployed.load_state_dict(block.state_dict())
     with torch.no_grad():
         assert _relative_error(deployed.eval()(x), expected) < 1e-5
+
+
+def _network(structure: str) -> nn.Module:
+    """The default Rep3D network with kernels of ``structure``: a modulation mode, or ``folded`` (an export's)."""
+    from rep3d_nnunet.config import Rep3DSettings
+    from tests.helpers import build
+
+    torch.manual_seed(0)
+    if structure == "folded":
+        return fold(build(Rep3DSettings(modulation="lrbm")))
+    return build(Rep3DSettings(modulation=structure))
+
+
+# (weights, receiving network): each pair's kernels mean something else (W * M, merged branches, another mask)
+OTHER_KERNELS = [("lrbm", "none"), ("fixed", "none"), ("csla", "none"), ("lrbm", "folded"), ("csla", "folded"),
+                 ("lrbm", "fixed")]
+
+
+@pytest.mark.parametrize("source, target", OTHER_KERNELS)
+def test_a_modulated_checkpoint_does_not_load_into_a_network_of_other_kernels(tmp_path, source, target):
+    """Issue 30.5: nnU-Net's -pretrained_weights (load_pretrained_weights keeps the keys the receiving network has)
+    and load_state_dict(strict=False) loaded an LRBM state into a vanilla or folded network as W alone: no error,
+    outputs far from the trained model's. The refusal names the module and both structures."""
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+    weights = _randomise(_network(source)).state_dict()
+    path = tmp_path / "checkpoint_final.pth"
+    torch.save({"network_weights": weights}, path)
+    receiving = _network(target)
+    words = {"lrbm": r"\(lrbm", "fixed": r"\(fixed", "csla": "a CSLA pair", "none": "a plain kernel \\(vanilla",
+             "folded": "a plain kernel folded from a trained one"}
+    refusal = rf"encoder\.stages\.\d+\.\d+\.conv: the weights hold .*{words[source]}.*, but this network has .*" \
+              rf"{words[target]}"
+    with pytest.raises(RuntimeError, match=refusal):
+        load_pretrained_weights(receiving, str(path))
+    with pytest.raises(RuntimeError, match=refusal):
+        receiving.load_state_dict(weights, strict=False)
+    # a state without the structure record (written before it existed) is judged by its keys
+    unrecorded = {k: v for k, v in weights.items() if not k.endswith("_extra_state")}
+    with pytest.raises(RuntimeError, match="the weights hold"):
+        receiving.load_state_dict(unrecorded, strict=False)
+
+
+@pytest.mark.parametrize("source, target", [("folded", "none"), ("none", "folded"), ("lrbm", "lrbm")])
+def test_states_of_the_same_kernels_still_load(tmp_path, source, target):
+    """A folded kernel is a plain kernel: it loads into a vanilla network and back; nnU-Net's pretrained-weights path
+    and states written before the structure record (no ``_extra_state``) load as before."""
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+    weights = _randomise(_network(source)).state_dict()
+    path = tmp_path / "checkpoint_final.pth"
+    torch.save({"network_weights": weights}, path)
+    receiving = _network(target)
+    load_pretrained_weights(receiving, str(path))
+    key = next(k for k in weights if k.endswith("conv.weight"))
+    assert torch.equal(receiving.state_dict()[key], weights[key])
+    _network(target).load_state_dict({k: v for k, v in weights.items() if not k.endswith("_extra_state")})

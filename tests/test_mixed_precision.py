@@ -4,7 +4,7 @@ training runs) and bfloat16, training steps and predictions against float32.
 nnUNetTrainer.train_step runs the forward under autocast, scales the loss, unscales the gradients before clipping
 them and steps through the scaler; nnU-Net's predictor runs the forward under autocast. The FFT convolutions run in
 float32 inside autocast (half-precision FFTs need power-of-two sizes, bfloat16 FFTs do not exist) and hand back the
-autocast dtype, exactly as torch's own convolution does; the LRBM masks are computed in float32 (float64 when cached
+autocast dtype, exactly as torch's own convolution does; the LRBM masks are computed in float32 (in every mode, cached
 for prediction). So the FFT path must add nothing to the precision autocast costs anyway: its errors against float32
 are compared with those of the same network on torch's convolution (``direct``).
 
