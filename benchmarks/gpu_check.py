@@ -191,7 +191,7 @@ def section_calibrate(device, sizes, args) -> list[Row]:
 def section_network(device, sizes, args) -> list[Row]:
     from bench_network import build, default_plan, measure
 
-    from rep3d_nnunet.planning import estimate_gb
+    from rep3d_nnunet.planning import network_memory
 
     plan = default_plan(sizes.patch, sizes.max_features)
     # the CPU smoke run without autocast: CPU autocast means bfloat16 convolutions, which cores without bf16 units run
@@ -199,8 +199,8 @@ def section_network(device, sizes, args) -> list[Row]:
     modes = [(True, False), (True, True)] if device.type == "cuda" else [(False, False)]
     variants = ["nnunet", "rep3d", "rep3d-none"]
     results = measure(device, plan, sizes.batch, variants, modes, max(sizes.repeats, 1), warmup=2)
-    modelled = {name: estimate_gb(build(name, plan).compute_conv_feature_map_size(plan["patch_size"]), sizes.batch,
-                                  3) for name in variants}
+    modelled = {name: network_memory(build(name, plan), plan["patch_size"], sizes.batch).total_gb
+                for name in variants}
     rows = []
     for amp, compiled in modes:
         base = results.get(("nnunet", amp, compiled))

@@ -25,6 +25,7 @@ from torch import nn
 from .backend_choice import adopt as adopt_conv_backend_decisions
 from .blocks import Rep3DBlock, UXNetBlock
 from .config import BLOCK_TYPES
+from .kernel_geometry import fft_kernel_spectrum_floats
 
 
 def _per_stage(value, n_stages: int, name: str) -> list:
@@ -138,13 +139,20 @@ class Rep3DEncoder(nn.Module):
             skips.append(x)
         return skips if self.return_skips else skips[-1]
 
-    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
-        """Voxels of all encoder feature maps for one sample, plus the largest FFT workspace.
+    def _blocks_with_input_sizes(self, input_size: Sequence[int]):
+        """(large-kernel block, its spatial input size) for every block, stage by stage."""
+        for stage, stride in zip(self.stages, self.strides):
+            input_size = [i // s for i, s in zip(input_size, stride)]
+            for block in stage[1:]:
+                yield block, input_size
 
-        Feature maps stay alive for the backward pass and add up; an FFT workspace lives only while its layer
-        runs, so only the largest one counts.
+    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
+        """Voxels of all encoder feature maps for one sample: nnU-Net's measure, which its planners scale to GB.
+
+        The FFT workspaces are float32 memory of another kind (transient, part of it independent of the batch):
+        ``fft_workspace``.
         """
-        output, workspace = np.int64(0), np.int64(0)
+        output = np.int64(0)
         if self.stem is not None:
             output += self.stem.compute_conv_feature_map_size(input_size)
         for stage, stride in zip(self.stages, self.strides):
@@ -152,8 +160,21 @@ class Rep3DEncoder(nn.Module):
             input_size = [i // s for i, s in zip(input_size, stride)]
             for block in stage[1:]:
                 output += block.compute_conv_feature_map_size(input_size)
-                workspace = max(workspace, block.conv.fft_workspace_size(input_size))
-        return output + workspace
+        return output
+
+    def fft_workspace(self, input_size: Sequence[int]) -> tuple[int, int]:
+        """Float32 elements of the largest FFT workspace: (per sample, once per batch: the kernel spectra).
+
+        An FFT workspace lives only while its layer runs, so only the largest one counts; at batch N it holds
+        ``N * per_sample + once`` elements (``kernel_geometry.fft_workspace_voxels``, ``fft_kernel_spectrum_floats``).
+        """
+        best = (0, 0)
+        for block, size in self._blocks_with_input_sizes(input_size):
+            total = int(block.conv.fft_workspace_size(size))
+            if total:
+                once = block.conv.channels * fft_kernel_spectrum_floats(size, block.conv.kernel_size)
+                best = max(best, (total - once, once), key=lambda parts: parts[0] + parts[1])
+        return best
 
 
 class Rep3DUNet(nn.Module):
@@ -239,10 +260,19 @@ class Rep3DUNet(nn.Module):
         return self.decoder(self.encoder(x))
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
-        """Voxels of all feature maps (and FFT workspaces) for one sample; nnU-Net's planner sizes patches with it."""
+        """Voxels of all feature maps for one sample, nnU-Net's measure (``planning.network_memory`` adds the FFT
+        workspace on the same scale)."""
+        self._check_size(input_size)
+        return self.encoder.compute_conv_feature_map_size(input_size) + self.decoder.compute_conv_feature_map_size(input_size)
+
+    def fft_workspace(self, input_size: Sequence[int]) -> tuple[int, int]:
+        """Float32 elements of the largest FFT workspace, (per sample, once per batch): see ``Rep3DEncoder``."""
+        self._check_size(input_size)
+        return self.encoder.fft_workspace(input_size)
+
+    def _check_size(self, input_size: Sequence[int]) -> None:
         if len(input_size) != convert_conv_op_to_dim(self.encoder.conv_op):
             raise ValueError(f"Give the spatial input size only (no batch/channel axes), got {tuple(input_size)}.")
-        return self.encoder.compute_conv_feature_map_size(input_size) + self.decoder.compute_conv_feature_map_size(input_size)
 
     @staticmethod
     def initialize(module: nn.Module) -> None:

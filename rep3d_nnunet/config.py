@@ -137,22 +137,39 @@ def _class_name(dotted: str) -> str:
     return dotted.rsplit(".", 1)[-1]
 
 
+def _plan_residual_blocks(network_class_name: str, arch_kwargs: dict) -> list[int] | None:
+    """Residual blocks per encoder stage of a residual-encoder plan: nnU-Net's ResEnc plans, and Rep3D plans written
+    from one (``rep3d-nnunet plan --planner ResEnc*``, an export's plans); None for plain-convolution plans."""
+    source = _class_name(network_class_name)
+    blocks = arch_kwargs.get("n_blocks_per_stage") if source == "ResidualEncoderUNet" else \
+        arch_kwargs.get("n_residual_blocks_per_stage") if source == "Rep3DUNet" else None
+    return None if blocks is None else list(blocks)
+
+
+def _plan_convs(network_class_name: str, arch_kwargs: dict):
+    """Plain convolutions per encoder stage of a plan without residual blocks (nnU-Net's default 2, Rep3DUNet's 1)."""
+    return arch_kwargs.get("n_conv_per_stage", 1 if _class_name(network_class_name) == "Rep3DUNet" else 2)
+
+
 def describe_translation(network_class_name: str, arch_kwargs: dict, settings: Rep3DSettings) -> str:
     """One line: what of the plan's network the Rep3D network keeps and what it replaces or adds."""
     source = _class_name(network_class_name)
-    if source == "Rep3DUNet":
-        return "The plan describes a Rep3D network (rep3d-nnunet plan, or an export's plans): built as planned."
     if settings.topology == "paper":
-        return (f"The paper's Rep3D encoder (4 stages of {settings.blocks_per_stage} Rep3D blocks, 48-384 channels) on "
-                f"the plan's patch and batch; the plan's {source} topology is not used.")
-    if source == "ResidualEncoderUNet":
-        plan_stage = f"stem and residual blocks per stage ({', '.join(map(str, arch_kwargs['n_blocks_per_stage']))})"
+        return (f"The paper's Rep3D encoder (4 stages of {settings.blocks_per_stage} Rep3D blocks, 48-384 channels, "
+                f"deep supervision at its own strides) on the plan's patch and batch; the plan's {source} topology "
+                f"is not used.")
+    residual = _plan_residual_blocks(network_class_name, arch_kwargs)
+    if residual is not None:
+        plan_stage = f"stem and residual blocks per stage ({', '.join(map(str, residual))})"
     else:
-        plan_stage = f"convolutions per stage ({', '.join(map(str, arch_kwargs.get('n_conv_per_stage', [2])))})"
+        convs = _plan_convs(network_class_name, arch_kwargs)
+        plan_stage = f"convolutions per stage ({', '.join(map(str, convs if isinstance(convs, list) else [convs]))})"
     kind = "UX-Net" if settings.block == "uxnet" else (
         "residual Rep3D" if settings.block_layer_scale is not None else "Rep3D")
     added = (f"{settings.blocks_per_stage} {kind} blocks per stage ({settings.kernel_size}^3 {settings.modulation} "
              f"kernels, capped by each stage's feature map)")
+    if source == "Rep3DUNet":
+        source = "Rep3DUNet (rep3d-nnunet plan, or an export's plans; this trainer's Rep3D settings)"
     kept = f"Rep3D on the plan's {source}: kept its stages, features, strides, kernel sizes, norm, decoder, patch and batch"
     if settings.stage_convs == "plan":
         return f"{kept} and its {plan_stage}; added after each stage's: {added}."
@@ -186,10 +203,11 @@ def rep3d_architecture(network_class_name: str, arch_kwargs: dict, patch_size: S
         kwargs.update(paper_topology(patch_size))
     else:
         kwargs["n_blocks_per_stage"] = settings.blocks_per_stage
-        if settings.stage_convs == "plan" and _class_name(network_class_name) == "ResidualEncoderUNet":
-            kwargs["n_residual_blocks_per_stage"] = list(arch_kwargs["n_blocks_per_stage"])
+        residual = _plan_residual_blocks(network_class_name, arch_kwargs)
+        if settings.stage_convs == "plan" and residual is not None:
+            kwargs["n_residual_blocks_per_stage"] = residual
         elif settings.stage_convs == "plan":
-            kwargs["n_conv_per_stage"] = arch_kwargs.get("n_conv_per_stage", 2)
+            kwargs["n_conv_per_stage"] = _plan_convs(network_class_name, arch_kwargs)
     n_stages = kwargs["n_stages"]
     kwargs.setdefault("n_conv_per_stage_decoder", [2] * (n_stages - 1))
     strides = [list(s) for s in kwargs["strides"]]

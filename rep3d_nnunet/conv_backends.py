@@ -14,8 +14,6 @@ from torch import Tensor
 from .fft_operator import fft_conv
 from .kernel_geometry import ConvPlan, crop_slices
 
-OPERATIONS = ("depthwise", "fan_out")
-
 
 def direct_conv(x: Tensor, weight: Tensor, bias: Tensor | None, plan: ConvPlan, groups: int) -> Tensor:
     """torch's conv with the kernel cropped to ``plan`` (exact: the dropped taps only ever meet padding; cropping

@@ -109,10 +109,22 @@ def fft_workspace_voxels(spatial_shape: Sequence[int], kernel_size: int | Sequen
     plan = conv_plan(spatial, check_kernel_size(kernel_size, len(spatial)))
     if not plan.dims:
         return 0
-    padded = math.prod(plan.fft_sizes)
+    return 4 * 2 * _spectrum_complex(plan) + math.prod(plan.fft_sizes)
+
+
+def fft_kernel_spectrum_floats(spatial_shape: Sequence[int], kernel_size: int | Sequence[int]) -> int:
+    """Float32 elements of one channel's kernel spectrum, the part of ``fft_workspace_voxels`` that does not grow with
+    the batch (one spectrum per channel, whatever N): a layer's workspace at batch N is
+    ``N * C * (fft_workspace_voxels - this) + C * this``."""
+    spatial = tuple(int(s) for s in spatial_shape)
+    plan = conv_plan(spatial, check_kernel_size(kernel_size, len(spatial)))
+    return 2 * _spectrum_complex(plan) if plan.dims else 0
+
+
+def _spectrum_complex(plan) -> int:
+    """Complex values of one (sample, channel) spectrum of ``plan`` (see ``fft_workspace_voxels``)."""
     last = plan.dims[-1]
-    spectrum_complex = padded // plan.fft_sizes[last] * (plan.fft_sizes[last] // 2 + 1)
-    return 4 * 2 * spectrum_complex + padded
+    return math.prod(plan.fft_sizes) // plan.fft_sizes[last] * (plan.fft_sizes[last] // 2 + 1)
 
 
 def stage_feature_map_sizes(patch_size: Sequence[int], strides: Sequence[Sequence[int]]) -> list[list[int]]:

@@ -1,9 +1,16 @@
-"""A Rep3D-aware nnU-Net planner: patch and batch size chosen with the Rep3D network's own memory estimate.
+"""Rep3D-aware nnU-Net planners (patch and batch chosen with the Rep3D network's own memory estimate), and the memory
+check of plans made for another network.
 
-nnU-Net looks up planners only inside its own package, so this planner runs through ``rep3d-nnunet plan``, which
-calls nnU-Net's planning and preprocessing API with this class. The plans file it writes (identifier
-``Rep3DPlans`` by default) has ``rep3d_nnunet.architecture.Rep3DUNet`` as architecture and is used as
-``nnUNetv2_train DATASET CONFIG FOLD -tr nnUNetTrainerRep3D -p Rep3DPlans``.
+nnU-Net looks up planners only inside its own package, so these planners run through ``rep3d-nnunet plan``, which
+calls nnU-Net's planning and preprocessing API with them. ``--planner`` picks the nnU-Net planner they extend
+(``PLANNERS``: nnU-Net's default, or a residual-encoder preset, whose residual encoder the Rep3D network keeps). The
+plans file written (``Rep3DPlans`` by default) has ``rep3d_nnunet.architecture.Rep3DUNet`` as architecture and is
+used as ``nnUNetv2_train DATASET CONFIG FOLD -tr nnUNetTrainerRep3D -p Rep3DPlans``.
+
+Memory is counted on nnU-Net's scale: a planner sizes patch and batch so that its network's
+``compute_conv_feature_map_size`` (feature-map voxels per sample) times the batch stays within a reference value
+that stands for its GB target (``PLANNER_SCALES``). The FFT workspace of the large kernels is float32 memory of
+another kind, converted at 4 bytes an element: its per-sample part grows with the batch, the kernel spectra do not.
 """
 
 from __future__ import annotations
@@ -15,7 +22,13 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import torch
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners import (
+    nnUNetPlannerResEncL,
+    nnUNetPlannerResEncM,
+    nnUNetPlannerResEncXL,
+)
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from .config import PAPER_SETTINGS, REP3D_NETWORK_CLASS, Rep3DSettings, rep3d_architecture
@@ -23,31 +36,100 @@ from .config import PAPER_SETTINGS, REP3D_NETWORK_CLASS, Rep3DSettings, rep3d_ar
 DEFAULT_PLANS_IDENTIFIER = "Rep3DPlans"
 PAPER_PLANS_IDENTIFIER = "Rep3DPaperPlans"
 
+# What nnU-Net's planners size a plan for (nnunetv2 2.8.1's sources): the estimate (compute_conv_feature_map_size,
+# voxels per sample) that, at the reference batch (2 in 3D, 12 in 2D), fills the GB their reference stands for; a
+# planner run with -gpu_memory_target scales the reference, not this ratio. The residual-encoder presets differ in
+# their reference and default target only, not in the network they plan.
+PLANNER_SCALES = {  # planner class: (GB, 3D reference, 2D reference)
+    "ExperimentPlanner": (8, 560_000_000, 85_000_000),
+    "ResEncUNetPlanner": (8, 680_000_000, 135_000_000),
+    "nnUNetPlannerResEncM": (8, 680_000_000, 135_000_000),
+    "nnUNetPlannerResEncL": (24, 2_100_000_000, 380_000_000),
+    "nnUNetPlannerResEncXL": (40, 3_600_000_000, 560_000_000),
+}
+_REFERENCE_BATCH = {3: 2, 2: 12}
+GIB = 2 ** 30  # bytes; GPU memory as torch reports it
+FLOAT32_BYTES = 4
 
-class Rep3DPlanner(ExperimentPlanner):
-    """nnU-Net's default planner, with the VRAM estimate and the written architecture swapped for Rep3DUNet.
 
-    The estimate is ``Rep3DUNet.compute_conv_feature_map_size`` (feature maps plus the FFT workspaces of the large
-    kernels) compared against nnU-Net's reference value for the memory target, exactly as nnU-Net does for its own
-    networks. Preprocessing is nnU-Net's default, so the preprocessed data of ``nnUNetPlans`` is reused.
+def voxels_per_gb(planner: str, dim: int) -> float:
+    """nnU-Net's scale: feature-map voxels (times batch) per GB, for ``planner`` (nnU-Net's default for others)."""
+    gb, reference_3d, reference_2d = PLANNER_SCALES.get(planner, PLANNER_SCALES["ExperimentPlanner"])
+    return (reference_3d if dim == 3 else reference_2d) * _REFERENCE_BATCH[dim] / gb
+
+
+def estimate_gb(estimate_voxels: float, batch_size: int, dim: int, planner: str = "ExperimentPlanner") -> float:
+    """Feature maps of ``batch_size`` samples in GB on ``planner``'s scale (``voxels_per_gb``)."""
+    return float(estimate_voxels) * batch_size / voxels_per_gb(planner, dim)
+
+
+@dataclass(frozen=True)
+class NetworkMemory:
+    """A network's GPU memory at a patch and batch, in GB on one planner's scale, by part.
+
+    Attributes:
+        feature_maps_gb: nnU-Net's estimate (``compute_conv_feature_map_size``) times the batch.
+        fft_workspace_gb: the largest FFT workspace's per-sample part times the batch (float32).
+        kernel_spectra_gb: that workspace's kernel spectra, once: they do not grow with the batch.
+    """
+
+    feature_maps_gb: float
+    fft_workspace_gb: float = 0.0
+    kernel_spectra_gb: float = 0.0
+
+    @property
+    def total_gb(self) -> float:
+        return self.feature_maps_gb + self.fft_workspace_gb + self.kernel_spectra_gb
+
+    def parts(self, batch_size: int) -> str:
+        if not self.fft_workspace_gb and not self.kernel_spectra_gb:
+            return f"feature maps {self.feature_maps_gb:.1f} GB"
+        return (f"feature maps {self.feature_maps_gb:.1f} GB + FFT workspace {self.fft_workspace_gb:.2f} GB "
+                f"(per sample x {batch_size}) + kernel spectra {self.kernel_spectra_gb:.2f} GB (once)")
+
+
+def network_memory(network, patch_size: Sequence[int], batch_size: int,
+                   planner: str = "ExperimentPlanner") -> NetworkMemory:
+    """``network``'s memory at ``patch_size`` and ``batch_size`` on ``planner``'s scale; the FFT workspace of a
+    Rep3D network (``Rep3DUNet.fft_workspace``) at 4 bytes an element."""
+    dim = len(patch_size)
+    feature_maps = estimate_gb(network.compute_conv_feature_map_size(patch_size), batch_size, dim, planner)
+    per_sample, once = network.fft_workspace(patch_size) if hasattr(network, "fft_workspace") else (0, 0)
+    return NetworkMemory(feature_maps, per_sample * batch_size * FLOAT32_BYTES / GIB, once * FLOAT32_BYTES / GIB)
+
+
+class _Rep3DPlanning:
+    """What turns an nnU-Net planner into a Rep3D one: the VRAM estimate and the written architecture are the Rep3D
+    network's; the topology, its residual blocks included, and the search for patch and batch stay the planner's.
+
+    The estimate is ``Rep3DUNet.compute_conv_feature_map_size`` plus the FFT workspace converted to the planner's
+    voxel scale: the per-sample part, and the kernel spectra spread over the smallest batch nnU-Net plans (2), so
+    that the planner's fit test at batch 2 is exact and larger batches are counted high, never low. Preprocessing is
+    nnU-Net's default, so the preprocessed data of nnU-Net's plans is reused.
 
     Args:
-        dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name, overwrite_target_spacing,
-            suppress_transpose: as nnU-Net's ``ExperimentPlanner``.
+        dataset_name_or_id, preprocessor_name, overwrite_target_spacing, suppress_transpose: as nnU-Net's planners.
+        gpu_memory_target_in_gb: None: the nnU-Net planner's default target.
+        plans_name: None: the class's ``default_plans_name``.
         settings: the Rep3D settings the estimate assumes (the trainer's method; default: LRBM k=21).
         base_num_features: features of the first stage (nnU-Net: 32), doubling per stage.
         max_num_features: cap on features per stage (nnU-Net: 320 in 3D, 512 in 2D).
     """
 
-    def __init__(self, dataset_name_or_id: str | int, gpu_memory_target_in_gb: float = 8,
-                 preprocessor_name: str = "DefaultPreprocessor", plans_name: str = DEFAULT_PLANS_IDENTIFIER,
+    default_plans_name = DEFAULT_PLANS_IDENTIFIER
+
+    def __init__(self, dataset_name_or_id: str | int, gpu_memory_target_in_gb: float | None = None,
+                 preprocessor_name: str = "DefaultPreprocessor", plans_name: str | None = None,
                  overwrite_target_spacing: Sequence[float] | None = None, suppress_transpose: bool = False,
                  settings: Rep3DSettings = Rep3DSettings(), base_num_features: int = 32,
                  max_num_features: int | None = None):
-        super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
-                         overwrite_target_spacing, suppress_transpose)
         if base_num_features < 1:
             raise ValueError(f"base_num_features must be positive, got {base_num_features}.")
+        memory = {} if gpu_memory_target_in_gb is None else {"gpu_memory_target_in_gb": gpu_memory_target_in_gb}
+        super().__init__(dataset_name_or_id, preprocessor_name=preprocessor_name,
+                         plans_name=plans_name or self.default_plans_name,
+                         overwrite_target_spacing=overwrite_target_spacing, suppress_transpose=suppress_transpose,
+                         **memory)
         self.settings = settings
         self.UNet_base_num_features = base_num_features
         if max_num_features is not None:
@@ -66,9 +148,15 @@ class Rep3DPlanner(ExperimentPlanner):
         kwargs, req_import = rep3d_architecture(arch_class_name, arch_kwargs, patch_size,
                                                 self._spacing_for_estimate or [1.0] * len(patch_size),
                                                 self.settings.replace(topology="plan"))
-        network = get_network_from_plans(REP3D_NETWORK_CLASS, kwargs, req_import, input_channels, output_channels,
-                                         allow_init=False)
-        return network.compute_conv_feature_map_size(patch_size)
+        with torch.device("meta"):  # sizes only: nothing allocated at each step of the planner's search
+            network = get_network_from_plans(REP3D_NETWORK_CLASS, kwargs, req_import, input_channels,
+                                             output_channels, allow_init=False)
+        dim = len(patch_size)
+        reference = self.UNet_reference_val_3d if dim == 3 else self.UNet_reference_val_2d
+        voxels_per_byte = reference * _REFERENCE_BATCH[dim] / self.UNet_reference_val_corresp_GB / GIB
+        per_sample, once = network.fft_workspace(patch_size)
+        workspace = (per_sample + once / 2) * FLOAT32_BYTES * voxels_per_byte
+        return network.compute_conv_feature_map_size(patch_size) + np.int64(math.ceil(workspace))
 
     def settings_for(self, dim: int) -> Rep3DSettings:
         """The Rep3D settings a ``dim``-D configuration is planned with."""
@@ -94,6 +182,44 @@ class Rep3DPlanner(ExperimentPlanner):
             "_kw_requires_import": tuple(req_import),
         }
         return plan
+
+
+class Rep3DPlanner(_Rep3DPlanning, ExperimentPlanner):
+    """nnU-Net's default planner (PlainConvUNet topology) sizing the Rep3D network: ``rep3d-nnunet plan``."""
+
+
+class Rep3DResEncMPlanner(_Rep3DPlanning, nnUNetPlannerResEncM):
+    """nnU-Net's ResEnc M preset (residual encoder, 8 GB) sizing the Rep3D network: ``--planner ResEncM``."""
+
+    default_plans_name = "Rep3DResEncMPlans"
+
+
+class Rep3DResEncLPlanner(_Rep3DPlanning, nnUNetPlannerResEncL):
+    """nnU-Net's ResEnc L preset (residual encoder, 24 GB) sizing the Rep3D network: ``--planner ResEncL``."""
+
+    default_plans_name = "Rep3DResEncLPlans"
+
+
+class Rep3DResEncXLPlanner(_Rep3DPlanning, nnUNetPlannerResEncXL):
+    """nnU-Net's ResEnc XL preset (residual encoder, 40 GB) sizing the Rep3D network: ``--planner ResEncXL``."""
+
+    default_plans_name = "Rep3DResEncXLPlans"
+
+
+# --planner: the nnU-Net planner a Rep3D plan extends, by the names of nnU-Net's presets
+PLANNERS = {"default": Rep3DPlanner, "ResEncM": Rep3DResEncMPlanner, "ResEncL": Rep3DResEncLPlanner,
+            "ResEncXL": Rep3DResEncXLPlanner}
+# the --planner that re-plans a plan of nnU-Net's planner (by experiment_planner_used)
+_PLANNER_OF = {"ResEncUNetPlanner": "ResEncM", "nnUNetPlannerResEncM": "ResEncM", "nnUNetPlannerResEncL": "ResEncL",
+               "nnUNetPlannerResEncXL": "ResEncXL"}
+
+
+def planner_choice(experiment_planner_used: str, network_class_name: str) -> str:
+    """The ``--planner`` that keeps a plan's network family: its planner's preset, else ResEncM for any residual
+    encoder, else nnU-Net's default."""
+    if experiment_planner_used in _PLANNER_OF:
+        return _PLANNER_OF[experiment_planner_used]
+    return "ResEncM" if network_class_name.rsplit(".", 1)[-1] == "ResidualEncoderUNet" else "default"
 
 
 class PaperPresetPlanner(Rep3DPlanner):
@@ -142,76 +268,88 @@ class PaperPresetPlanner(Rep3DPlanner):
         return plan
 
 
-# What nnU-Net's planners size a plan for (nnunetv2 2.8.1's sources): the GPU target in GB and the estimate
-# (compute_conv_feature_map_size, voxels) that fills it at the reference batch (2 in 3D, 12 in 2D); the planner
-# chooses patch and batch so that estimate x batch stays within reference x reference batch.
-PLANNER_BUDGETS = {  # experiment_planner_used: (GB, 3D reference, 2D reference)
-    "ExperimentPlanner": (8, 560_000_000, 85_000_000),
-    "ResEncUNetPlanner": (8, 680_000_000, 135_000_000),
-    "nnUNetPlannerResEncM": (8, 680_000_000, 135_000_000),
-    "nnUNetPlannerResEncL": (24, 2_100_000_000, 380_000_000),
-    "nnUNetPlannerResEncXL": (40, 3_600_000_000, 560_000_000),
-}
-_REFERENCE_BATCH = {3: 2, 2: 12}
-
-
-def estimate_gb(estimate_voxels: float, batch_size: int, dim: int, planner: str = "ExperimentPlanner") -> float:
-    """GPU memory on ``planner``'s scale: its reference estimate at its reference batch fills its target in GB."""
-    gb, reference_3d, reference_2d = PLANNER_BUDGETS[planner]
-    reference = reference_3d if dim == 3 else reference_2d
-    return float(estimate_voxels) * batch_size / (reference * _REFERENCE_BATCH[dim]) * gb
-
-
 @dataclass(frozen=True)
 class MemoryCheck:
-    """The memory of a Rep3D network on a plan made for another network, estimated as nnU-Net's planner does.
+    """The Rep3D network on a plan made for another network, against what that plan was sized for, on the scale of
+    the planner that made it.
 
     Attributes:
         planner: the planner that wrote the plan (``experiment_planner_used``).
-        target_gb: what that planner sized patch and batch for (for a planner we do not know: what the plan's own
-            network needs, which at least fits).
-        rep3d_gb: the Rep3D network at the plan's patch and batch (feature maps plus the largest FFT workspace), on
-            the same planner's scale.
+        network: the plan's own network (class name).
+        patch_size, batch_size: the plan's.
+        plan_network: what the plan's own network needs at that patch and batch (nnU-Net's estimate).
+        rep3d: what the Rep3D network needs there, by part.
+        target_gb: the memory the plan was sized for: what its own network needs at its patch and batch (the
+            planner filled its target, whatever GB it was given with ``-gpu_memory_target``, up to one step of its
+            patch search). Where the patch covers the median image (``median_image_size_in_voxels``), memory did not
+            bound the plan: then the planner's default target where that is more.
+        bounded_by_memory: whether memory bounded the plan (the patch is below the median image on some axis, or
+            the plan does not say).
+        replan: the ``rep3d-nnunet plan`` options that size a Rep3D plan of the same network family at that target.
+        plans_name: the plans identifier that command writes.
     """
 
     planner: str
+    network: str
+    patch_size: tuple[int, ...]
+    batch_size: int
+    plan_network: NetworkMemory
+    rep3d: NetworkMemory
     target_gb: float
-    rep3d_gb: float
+    bounded_by_memory: bool
+    replan: str
+    plans_name: str
+
+    @property
+    def rep3d_gb(self) -> float:
+        return self.rep3d.total_gb
 
     @property
     def ratio(self) -> float:
         return self.rep3d_gb / self.target_gb
 
     def line(self, dataset: str) -> str:
-        return (f"Rep3D on these plans: {self.planner} sized their patch and batch for ~{self.target_gb:.1f} GB; by "
-                f"the same estimate the Rep3D network needs ~{self.rep3d_gb:.1f} GB ({self.ratio:.2f}x: feature maps "
-                f"plus FFT workspace) and may run out of GPU memory. Fix: rep3d-nnunet plan -d {dataset} "
-                f"--gpu-memory-gb {math.ceil(self.target_gb):g}, then train with -p Rep3DPlans.")
+        basis = (f"what their {self.network} needs there" if self.target_gb <= self.plan_network.total_gb else
+                 f"{self.planner}'s default target: their patch covers the median image, their {self.network} "
+                 f"needs ~{self.plan_network.total_gb:.1f} GB")
+        return (f"Rep3D on these plans: {self.planner} sized their patch {list(self.patch_size)} and batch "
+                f"{self.batch_size} for ~{self.target_gb:.1f} GB ({basis}); by the same estimate the Rep3D network "
+                f"needs ~{self.rep3d_gb:.1f} GB ({self.ratio:.2f}x: {self.rep3d.parts(self.batch_size)}) and may run "
+                f"out of GPU memory. Fix: rep3d-nnunet plan -d {dataset} {self.replan}, then train with "
+                f"-p {self.plans_name}.")
 
 
 def memory_check(plans_manager, configuration_manager, settings: Rep3DSettings, num_input_channels: int,
                  num_output_channels: int) -> MemoryCheck | None:
-    """The Rep3D network's memory at the plan's patch and batch against what the plan's planner sized them for; None
-    for plans the Rep3D planner wrote (their patch and batch were chosen for the Rep3D network already)."""
+    """The Rep3D network's memory at the plan's patch and batch against what the plan was sized for
+    (``MemoryCheck``); None for plans a Rep3D planner wrote (their patch and batch were chosen for the Rep3D
+    network already)."""
     architecture = configuration_manager.configuration["architecture"]
-    if architecture["network_class_name"].rsplit(".", 1)[-1] == REP3D_NETWORK_CLASS.rsplit(".", 1)[-1]:
+    network_class_name = architecture["network_class_name"]
+    if network_class_name.rsplit(".", 1)[-1] == REP3D_NETWORK_CLASS.rsplit(".", 1)[-1]:
         return None
-    patch = list(configuration_manager.patch_size)
-    dim, batch = len(patch), configuration_manager.batch_size
+    patch = [int(p) for p in configuration_manager.patch_size]
+    batch = int(configuration_manager.batch_size)
     planner = plans_manager.plans.get("experiment_planner_used", "an unknown planner")
-    kwargs, req_import = rep3d_architecture(architecture["network_class_name"], architecture["arch_kwargs"], patch,
+    kwargs, req_import = rep3d_architecture(network_class_name, architecture["arch_kwargs"], patch,
                                             configuration_manager.spacing, settings)
-    rep3d = get_network_from_plans(REP3D_NETWORK_CLASS, kwargs, req_import, num_input_channels, num_output_channels,
-                                   allow_init=False)
-    scale = planner if planner in PLANNER_BUDGETS else "ExperimentPlanner"
-    need = estimate_gb(rep3d.compute_conv_feature_map_size(patch), batch, dim, scale)
-    if planner in PLANNER_BUDGETS:
-        return MemoryCheck(planner, PLANNER_BUDGETS[planner][0], need)
-    # its target is unknown: what its own network needs surely fitted
-    own = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
-                                 architecture["_kw_requires_import"], num_input_channels, num_output_channels,
-                                 allow_init=False)
-    return MemoryCheck(planner, estimate_gb(own.compute_conv_feature_map_size(patch), batch, dim), need)
+    with torch.device("meta"):  # sizes only
+        rep3d = get_network_from_plans(REP3D_NETWORK_CLASS, kwargs, req_import, num_input_channels,
+                                       num_output_channels, allow_init=False)
+        own = get_network_from_plans(network_class_name, architecture["arch_kwargs"],
+                                     architecture["_kw_requires_import"], num_input_channels, num_output_channels,
+                                     allow_init=False)
+    plan_network = network_memory(own, patch, batch, planner)
+    median = configuration_manager.configuration.get("median_image_size_in_voxels")
+    bounded_by_memory = median is None or any(p < m for p, m in zip(patch, median))
+    target = plan_network.total_gb
+    if not bounded_by_memory and planner in PLANNER_SCALES:
+        target = max(target, PLANNER_SCALES[planner][0])
+    choice = planner_choice(planner, network_class_name)
+    replan = (f"--planner {choice} " if choice != "default" else "") + f"--gpu-memory-gb {max(math.ceil(target), 1)}"
+    return MemoryCheck(planner, network_class_name.rsplit(".", 1)[-1], tuple(patch), batch, plan_network,
+                       network_memory(rep3d, patch, batch, planner), target, bounded_by_memory, replan,
+                       PLANNERS[choice].default_plans_name)
 
 
 def _jsonable(value):
@@ -224,15 +362,19 @@ def _jsonable(value):
     return value
 
 
-def plan_and_preprocess(dataset_id: int, gpu_memory_gb: float = 8.0, plans_name: str | None = None,
+def plan_and_preprocess(dataset_id: int, gpu_memory_gb: float | None = None, plans_name: str | None = None,
                         configurations: Sequence[str] | None = None, base_features: int = 32,
                         max_features: int | None = None, num_processes: int = 2, preprocess: bool = True,
-                        settings: Rep3DSettings = Rep3DSettings(), preset: str | None = None) -> str:
+                        settings: Rep3DSettings = Rep3DSettings(), preset: str | None = None,
+                        planner: str = "default") -> str:
     """Fingerprint (if missing), Rep3D plans, and preprocessing of the configurations whose data is missing.
 
     Args:
+        gpu_memory_gb: the GPU memory target; None: the nnU-Net planner's default (8 GB; ResEncL 24, ResEncXL 40).
         preset: a paper preset (``preprocessing.PAPER_PRESETS``): the paper's spacing, normalization, patch, batch and
             network instead of nnU-Net's choices and the memory-aware Rep3D plan; only 3d_fullres by default.
+        planner: a key of ``PLANNERS``: the nnU-Net planner whose topology the Rep3D plan keeps (``ResEncM``, ``L``,
+            ``XL``: nnU-Net's residual encoder, its residual blocks kept before the Rep3D blocks).
 
     Returns:
         The plans identifier to pass as ``nnUNetv2_train ... -p``.
@@ -243,24 +385,30 @@ def plan_and_preprocess(dataset_id: int, gpu_memory_gb: float = 8.0, plans_name:
     from .nnunet_paths import nnunet_folder, raw_dataset
     from .preprocessing import Rep3DPaperPreprocessor, paper_preset
 
-    if gpu_memory_gb <= 0:
+    if gpu_memory_gb is not None and gpu_memory_gb <= 0:
         raise ValueError(f"--gpu-memory-gb must be positive, got {gpu_memory_gb}.")
+    if planner not in PLANNERS:
+        raise ValueError(f"Unknown planner {planner!r}; allowed values are {', '.join(PLANNERS)}.")
     if preset is not None:
         paper_preset(preset)  # an unknown name fails before any work
+        if planner != "default":
+            raise ValueError(f"--preset fixes patch, batch and network (the paper's); --planner {planner} sizes a "
+                             f"plan-topology network instead. Use one of them.")
     dataset_name = raw_dataset(dataset_id).name  # nnUNet_raw set, and the dataset there
     preprocessed = nnunet_folder("nnUNet_preprocessed") / dataset_name
     if not (preprocessed / "dataset_fingerprint.json").is_file():
         extract_fingerprints([dataset_id], num_processes=num_processes, check_dataset_integrity=True)
     if preset is None:
-        plans_name = plans_name or DEFAULT_PLANS_IDENTIFIER
+        planner_class = PLANNERS[planner]
+        plans_name = plans_name or planner_class.default_plans_name
         configurations = configurations or ("2d", "3d_fullres")
-        planner = Rep3DPlanner(dataset_id, gpu_memory_gb, plans_name=plans_name, settings=settings,
-                               base_num_features=base_features, max_num_features=max_features)
+        experiment_planner = planner_class(dataset_id, gpu_memory_gb, plans_name=plans_name, settings=settings,
+                                           base_num_features=base_features, max_num_features=max_features)
     else:
         plans_name = plans_name or PAPER_PLANS_IDENTIFIER
         configurations = configurations or ("3d_fullres",)
-        planner = PaperPresetPlanner(dataset_id, preset, plans_name)
-    plans = planner.plan_experiment()
+        experiment_planner = PaperPresetPlanner(dataset_id, preset, plans_name)
+    plans = experiment_planner.plan_experiment()
     if preprocess:
         for configuration in configurations:
             if configuration not in plans["configurations"]:
@@ -302,8 +450,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .preprocessing import PAPER_PRESETS
 
     parser.add_argument("-d", "--dataset-id", type=int, required=True)
-    parser.add_argument("--gpu-memory-gb", type=float, default=8.0, help="GPU memory target (default 8, like nnU-Net)")
-    parser.add_argument("--plans-name", default=None, help="default: Rep3DPlans, or Rep3DPaperPlans with --preset")
+    parser.add_argument("--planner", default="default", choices=list(PLANNERS),
+                        help="the nnU-Net planner the plan extends: default (PlainConvUNet, nnUNetPlans), or a "
+                             "residual-encoder preset (ResEncM/L/XL, nnUNetResEncUNet*Plans), whose residual blocks the "
+                             "Rep3D network keeps")
+    parser.add_argument("--gpu-memory-gb", type=float, default=None,
+                        help="GPU memory target (default: the planner's, 8 GB like nnU-Net; ResEncL 24, ResEncXL 40)")
+    parser.add_argument("--plans-name", default=None,
+                        help="default: Rep3DPlans (Rep3DResEncMPlans ... with --planner), Rep3DPaperPlans with --preset")
     parser.add_argument("-c", "--configurations", nargs="+", default=None,
                         help="default: 2d 3d_fullres, or 3d_fullres with --preset")
     parser.add_argument("--preset", default=None, choices=list(PAPER_PRESETS),
@@ -319,4 +473,4 @@ def run_from_args(args: argparse.Namespace) -> None:
     """Plans (and preprocesses) the dataset described by parsed :func:`add_arguments` flags."""
     plan_and_preprocess(args.dataset_id, args.gpu_memory_gb, args.plans_name, args.configurations,
                         args.base_features, args.max_features, args.num_processes, not args.no_preprocess,
-                        preset=args.preset)
+                        preset=args.preset, planner=args.planner)

@@ -6,7 +6,8 @@ take half of a batch; their averaged gradients must equal one process's gradient
 steps in a row (DDP reports parameters that got no gradient at the start of the next step). In float64, so that
 the only difference left is the order of the batch sums. SyncBatchNorm cannot
 train on the CPU, so the distributed test uses nnU-Net's default instance norm and a separate test folds a network
-whose BatchNorms were converted.
+whose BatchNorms were converted. Validation runs on each rank's own cases: nothing inside its forward may wait for
+another rank (the large-kernel backends are agreed before training, ``backend_measurement``).
 """
 
 from __future__ import annotations
