@@ -52,7 +52,7 @@ def nnunet_version() -> tuple[int, int, int]:
 def trainer_folder() -> Path:
     """The installed ``nnUNet_trainers`` folder, where our trainers live: what ``nnUNet_extTrainer`` must list.
 
-    Found without importing it: the package imports the variant table, which sits above this module in the data flow.
+    Found without importing it: the folder publishes the variant table, which sits above this module in the data flow.
     """
     spec = importlib.util.find_spec("nnUNet_trainers")
     if spec is None or not spec.submodule_search_locations:

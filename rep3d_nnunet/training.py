@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
@@ -21,8 +22,7 @@ from .config import REP3D_NETWORK_CLASS, Rep3DSettings, describe_translation, re
 from . import backend_choice
 from .backend_measurement import measure_network
 from .nnunet_compat import (
-    adopt_conv_backends, network_build_inputs, own_build_inputs, record_build_inputs, recorded_conv_backends,
-    without_build_inputs,
+    adopt_conv_backends, network_build_inputs, record_build_inputs, recorded_conv_backends, without_build_inputs,
 )
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -253,15 +253,38 @@ class Rep3DTrainer(ScheduledTrainer):
     # nnUNetTrainer records its constructor's arguments by name (for checkpoints): the signature is spelled out
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        # A plan this network cannot be built on stops here, in one line, before nnU-Net starts anything
+        # (nnUNetv2_train has no error handling of its own: a traceback ending in the line, nothing before it).
+        self.rep3d_architecture_of(PlansManager(plans).get_configuration(configuration))
+        # nnUNetTrainer.initialize calls this class's build_network_architecture; nnU-Net 2.6 passes it the
+        # configuration's architecture entry only, so the entry carries the patch size and spacing from the start
+        # (nnunet_compat.record_build_inputs; the plans are the ones the checkpoints and the model folder keep)
+        record_build_inputs(plans, configuration)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = self.optim.lr
         self.weight_decay = self.optim.weight_decay
-        # nnUNetTrainer.initialize builds through the instance; nnU-Net 2.6 passes the architecture entry only
-        self.build_network_architecture = self._build_own_network
 
-    def _build_own_network(self, plans_manager, *args, **kwargs) -> nn.Module:
-        """This trainer's network from its own plans and configuration, whichever form nnU-Net calls in."""
-        return build_rep3d_network(*own_build_inputs(self, plans_manager, *args, **kwargs), self.rep3d)
+    @classmethod
+    def rep3d_architecture_of(cls, configuration_manager: ConfigurationManager) -> dict:
+        """Rep3DUNet keyword arguments of this variant on a configuration (``config.rep3d_architecture``).
+
+        Raises:
+            ValueError: the plan's network has no topology to build on, or its patch does not fit the variant's (the
+                paper's encoder needs a 3D patch divisible by 32: the message names the preset planner).
+        """
+        configuration = without_build_inputs(configuration_manager)
+        kwargs, _ = rep3d_architecture(configuration.network_arch_class_name, configuration.network_arch_init_kwargs,
+                                       configuration.patch_size, configuration.spacing, cls.rep3d)
+        return kwargs
+
+    def _get_deep_supervision_scales(self):
+        """One scale per deep-supervision output of the network built, not of the plan's: the paper's encoder
+        (``topology="paper"``) strides 2 on every axis where nnU-Net's anisotropic plans do not, and nnU-Net's
+        targets and loss weights follow these scales."""
+        if not self.enable_deep_supervision:
+            return None
+        strides = self.rep3d_architecture_of(self.configuration_manager)["strides"]
+        return [list(scale) for scale in 1 / np.cumprod(np.vstack(strides), axis=0)][:-1]
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, *args, **kwargs) -> nn.Module:

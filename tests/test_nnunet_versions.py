@@ -3,12 +3,15 @@ module for nnU-Net < 2.8, and the one room that finds trainer classes (no low mo
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,8 +19,9 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from rep3d_nnunet import environment, nnunet_compat
-from rep3d_nnunet.nnunet_compat import BUILD_INPUTS_KEY, find_trainer_class, record_build_inputs
-from tests.helpers import CONFIGURATIONS, tiny_plans
+from rep3d_nnunet.nnunet_compat import BUILD_INPUTS_KEY, find_trainer_class, nnunet_version, record_build_inputs
+from tests.helpers import CONFIGURATIONS, tiny_plans, use_nnunet_tree
+
 
 def test_trainer_names_resolve_through_the_trainer_folder_and_nnunet():
     assert find_trainer_class("nnUNetTrainer") is nnUNetTrainer
@@ -50,6 +54,50 @@ def test_the_old_call_form_builds_what_the_new_one_does(trainer_name):
     # the new form ignores the recorded entry, and nnU-Net's own trainer never sees it
     assert _shapes(trainer.build_network_architecture(PlansManager(plans), recorded, 1, 2, False)) == _shapes(new_form)
     nnunet_compat.build_network(nnUNetTrainer, PlansManager(plans), recorded, 1, 2, False)
+
+
+@pytest.mark.parametrize("call_form", ["new", "old"])
+def test_initialize_builds_through_the_trainer_classes_hook_in_either_call_form(tmp_path, monkeypatch, call_form):
+    """nnUNetTrainer.initialize calls self.build_network_architecture: from 2.7 with the plans and configuration, on
+    2.6 (and for a signature without plans_manager) with the configuration's architecture entry alone. The trainer
+    class's own hook builds the network in both, the same network; no instance attribute stands in for it."""
+    from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
+
+    env = {name: str(tmp_path / name) for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    use_nnunet_tree(monkeypatch, {**env, "nnUNet_extTrainer": str(environment.trainer_folder())})
+    configuration_name, _ = CONFIGURATIONS[3]
+    plans = tiny_plans(3)
+    plans["configurations"][configuration_name]["patch_size"] = [8, 32, 32]  # caps the large kernels per stage
+    plans["configurations"][configuration_name]["batch_dice"] = False
+    data = tmp_path / "nnUNet_preprocessed" / plans["dataset_name"] / f"nnUNetPlans_{configuration_name}"
+    data.mkdir(parents=True)
+    (data / "case.b2nd").touch()  # initialize infers the dataset class from the files' ending
+    if call_form == "old" and nnunet_version() >= (2, 7, 0):
+        # what 2.8's initialize does for a signature without plans_manager: 2.6's call
+        monkeypatch.setattr(trainer_module, "inspect", SimpleNamespace(signature=lambda f: SimpleNamespace(
+            parameters={})))
+    dataset = {"channel_names": {"0": "MR"}, "labels": {"background": 0, "lesion": 1}, "numTraining": 2,
+               "file_ending": ".nii.gz"}
+    trainer_class = find_trainer_class("nnUNetTrainerRep3D")
+    trainer = trainer_class({**plans, "continue_training": False}, configuration_name, 0, dataset,
+                            torch.device("cpu"))
+    assert "build_network_architecture" not in vars(trainer)
+    calls = []
+    build = trainer_class.build_network_architecture.__func__
+
+    @functools.wraps(build)  # the same signature: nnU-Net chooses the call form by it
+    def counted(cls, *args, **kwargs):
+        calls.append(args[0])
+        return build(cls, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_class, "build_network_architecture", classmethod(counted))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 2.8 on the old form
+        trainer.initialize()
+    assert len(calls) == 1 and isinstance(calls[0], str) == (call_form == "old" or nnunet_version() < (2, 7, 0))
+    expected = trainer_class.build_network_architecture(PlansManager(plans), PlansManager(plans).get_configuration(
+        configuration_name), 1, 2, enable_deep_supervision=True)
+    assert _shapes(trainer.network) == _shapes(expected)
 
 
 def test_the_old_call_form_without_recorded_inputs_says_what_to_do():

@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from rep3d_nnunet.blocks import ModulatedDepthwiseConv, UXNetBlock
 from rep3d_nnunet.config import PAPER_FEATURES, Rep3DSettings, paper_topology, rep3d_architecture
 from rep3d_nnunet.preprocessing import PAPER_PRESETS, PaperWindowNormalization
 from rep3d_nnunet.training import parameter_groups
 from rep3d_nnunet.variants import METHODS, PAPER_SCHEDULE, make_trainer_class
-from tests.helpers import TINY_TRAINER, nnunet_environment, run, training_environment, write_tiny_trainer
+from tests.helpers import TINY_TRAINER, nnunet_environment, run, training_environment, use_nnunet_tree, write_tiny_trainer
 from tests.helpers import PLAIN, plain_plan_kwargs
 
 PAPER_TRAINERS = [name for name in METHODS if name.startswith("nnUNetTrainerRep3DPaper")]
@@ -177,3 +178,72 @@ def test_unknown_preset_is_refused_before_any_work(capsys):
     assert "invalid choice" in capsys.readouterr().err
     with pytest.raises(ValueError, match="allowed values are amos_ct"):
         plan_and_preprocess(961, preset="amos")
+
+
+# ---- the paper's trainers on nnU-Net's own plans ----
+
+ANISOTROPIC_DATASET = {"channel_names": {"0": "MR"}, "labels": {"background": 0, "organ": 1}, "numTraining": 2,
+                       "file_ending": ".nii.gz"}
+
+
+def _anisotropic_nnunet_plans(patch: list[int]) -> dict:
+    """3d_fullres as nnU-Net's default planner writes it for thick slices: the first stages stride in-plane only."""
+    kwargs = plain_plan_kwargs(3, (4, 8, 16, 32, 32))
+    kwargs["kernel_sizes"] = [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
+    kwargs["strides"] = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
+    return {
+        "dataset_name": "Dataset963_Thick", "plans_name": "nnUNetPlans", "experiment_planner_used": "ExperimentPlanner",
+        "label_manager": "LabelManager", "image_reader_writer": "SimpleITKIO", "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "configurations": {"3d_fullres": {
+            "data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor", "batch_size": 1,
+            "patch_size": patch, "spacing": [3.0, 0.8, 0.8], "batch_dice": False,
+            "median_image_size_in_voxels": patch,
+            "architecture": {"network_class_name": PLAIN, "arch_kwargs": kwargs,
+                             "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}}},
+    }
+
+
+def test_a_paper_trainer_trains_on_nnunets_anisotropic_plans(tmp_path, monkeypatch):
+    """The paper's encoder strides 2 on every axis where the plan strides in-plane only: nnU-Net's deep-supervision
+    targets and loss weights follow the network's strides. One training step as nnUNetTrainer runs it, with targets
+    made by nnU-Net's own transforms."""
+    env = nnunet_environment(tmp_path)
+    use_nnunet_tree(monkeypatch, env)
+    trainer = make_trainer_class("nnUNetTrainerRep3DPaper")(
+        {**_anisotropic_nnunet_plans([32, 32, 64]), "continue_training": False}, "3d_fullres", 0, ANISOTROPIC_DATASET,
+        torch.device("cpu"))
+    # what initialize() does, without a preprocessed dataset to infer the dataset class from
+    trainer.num_input_channels = 1
+    trainer.network = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1,
+                                                         trainer.label_manager.num_segmentation_heads, True)
+    trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
+    trainer.loss = trainer._build_loss()
+    transforms = trainer.get_validation_transforms(trainer._get_deep_supervision_scales(), foreground_labels=[1])
+    generator = torch.Generator().manual_seed(0)
+    sample = transforms(image=torch.randn(1, 32, 32, 64, generator=generator),
+                        segmentation=(torch.rand(1, 32, 32, 64, generator=generator) > 0.5).to(torch.int16))
+    batch = {"data": sample["image"][None], "target": [t[None] for t in sample["segmentation"]]}
+    assert np.isfinite(trainer.train_step(batch)["loss"])
+    assert [tuple(t.shape[2:]) for t in batch["target"]] == [(32, 32, 64), (16, 16, 32), (8, 8, 16), (4, 4, 8),
+                                                             (2, 2, 4)]
+
+
+def test_a_paper_trainer_stops_before_nnunet_starts_on_a_patch_it_cannot_divide(tmp_path, monkeypatch, capsys):
+    """nnU-Net's plan patch of 40 x 80 x 80 voxels: nnUNetv2_train's run_training stops before nnU-Net starts
+    anything (nnUNetv2_train prints the traceback, whose last line is this message, and exits 1)."""
+    from nnunetv2.run.run_training import run_training
+
+    env = nnunet_environment(tmp_path)
+    use_nnunet_tree(monkeypatch, env)
+    plans = _anisotropic_nnunet_plans([40, 80, 80])
+    preprocessed = Path(env["nnUNet_preprocessed"]) / plans["dataset_name"]
+    preprocessed.mkdir(parents=True)
+    (preprocessed / "nnUNetPlans.json").write_text(json.dumps(plans))
+    (preprocessed / "dataset.json").write_text(json.dumps(ANISOTROPIC_DATASET))
+    capsys.readouterr()
+    with pytest.raises(ValueError, match=r"^The paper's network needs a 3D patch divisible by 32 on every axis.*"
+                                         r"rep3d-nnunet plan -d ID --preset NAME") as error:
+        run_training("963", "3d_fullres", 0, "nnUNetTrainerRep3DPaper", device=torch.device("cpu"))
+    assert "\n" not in str(error.value)
+    assert "Please cite" not in capsys.readouterr().out  # nnUNetTrainer's start-up: never reached
