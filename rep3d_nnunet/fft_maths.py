@@ -16,10 +16,55 @@ So every result is exact up to float rounding, with about (D + r) / (D + k - 1) 
 
 from __future__ import annotations
 
+import scipy.fft
 import torch
 from torch import Tensor
 
 from .kernel_geometry import ConvPlan, crop_slices
+
+
+# ---- the transforms: pocketfft through scipy.fft on the CPU, torch.fft elsewhere ----
+def _on_pocketfft(t: Tensor) -> bool:
+    """Whether ``t``'s transform runs through scipy.fft (pocketfft): CPU tensors outside autograd and tracing.
+
+    Why: on the CPU torch.fft's multi-dimensional inverse is a c2c transform followed by a 1-D c2r, each behind a
+    permuted copy of the spectrum; pocketfft transforms strided arrays in place of those copies. One training step
+    of the default network on the Hippocampus plan spends most of its large-kernel time in these transforms (see
+    docs/performance.md, "Where a training step's time goes"). Results agree to float rounding (both are exact FFTs).
+    Every caller here runs inside the FFT operator or without autograd (prediction); a tensor that needs a gradient,
+    or a trace, keeps torch.fft.
+    """
+    return (t.device.type == "cpu" and not (t.requires_grad and torch.is_grad_enabled())
+            and not torch.compiler.is_compiling())
+
+
+def _numpy(t: Tensor):
+    return t.detach().resolve_conj().resolve_neg().numpy()
+
+
+def rfftn(t: Tensor, shape: tuple[int, ...], dims: tuple[int, ...]) -> Tensor:
+    """``torch.fft.rfftn(t, s=shape, dim=dims)``: zero-padded to ``shape``, the last of ``dims`` halved."""
+    if _on_pocketfft(t):
+        return torch.from_numpy(scipy.fft.rfftn(_numpy(t), s=shape, axes=dims, workers=torch.get_num_threads()))
+    return torch.fft.rfftn(t, s=shape, dim=dims)
+
+
+def irfftn(t: Tensor, shape: tuple[int, ...], dims: tuple[int, ...]) -> Tensor:
+    """``torch.fft.irfftn(t, s=shape, dim=dims)``: the real signal of a half spectrum; ``t`` may be overwritten."""
+    if _on_pocketfft(t):
+        return torch.from_numpy(scipy.fft.irfftn(_numpy(t), s=shape, axes=dims, workers=torch.get_num_threads(),
+                                                 overwrite_x=True))
+    return torch.fft.irfftn(t, s=shape, dim=dims)
+
+
+def _axis_transform(t: Tensor, dim: int) -> Tensor:
+    """The 1-D FFT along ``dim``: real input gives the half spectrum (rfft), complex input the full one (fft);
+    ``t`` may be overwritten."""
+    real = not t.is_complex()
+    if _on_pocketfft(t):
+        transform = scipy.fft.rfft if real else scipy.fft.fft
+        return torch.from_numpy(transform(_numpy(t), axis=dim, workers=torch.get_num_threads(), overwrite_x=True))
+    return torch.fft.rfft(t, dim=dim) if real else torch.fft.fft(t, dim=dim)
 
 
 def kernel_spectrum(weight: Tensor, plan: ConvPlan) -> Tensor:
@@ -40,9 +85,9 @@ def kernel_spectrum(weight: Tensor, plan: ConvPlan) -> Tensor:
     # zero in the padded kernel are never transformed. At k = 21 on a 50 x 70 x 50 FFT that skips 91% of the
     # last axis's rows and 70% of the middle axis's.
     last = plan.dims[-1]
-    spectrum = torch.fft.rfft(_centred(u, last, plan), dim=last)
+    spectrum = _axis_transform(_centred(u, last, plan), last)
     for d in reversed(plan.dims[:-1]):
-        spectrum = torch.fft.fft(_centred(spectrum, d, plan), dim=d)
+        spectrum = _axis_transform(_centred(spectrum, d, plan), d)
     return spectrum
 
 
@@ -95,11 +140,11 @@ def apply_spectrum(x: Tensor, spectrum: Tensor, bias: Tensor | None, plan: ConvP
     """
     x = x.to(compute)
     if plan.dims:
-        xf = torch.fft.rfftn(x, s=plan.fft_shape(), dim=plan.dims)
+        xf = rfftn(x, plan.fft_shape(), plan.dims)
         # in place unless one shared input channel broadcasts against the C filters
         xf = xf.mul_(spectrum) if xf.shape[1] == spectrum.shape[0] else xf * spectrum
         del spectrum  # the last reference in a training forward: freed before the inverse transform allocates
-        y = crop_to_input(torch.fft.irfftn(xf, s=plan.fft_shape(), dim=plan.dims), plan)
+        y = crop_to_input(irfftn(xf, plan.fft_shape(), plan.dims), plan)
         del xf
     else:
         y = x * spectrum  # all radii 0: a 1-tap kernel is a per-channel scale
@@ -144,9 +189,9 @@ def fft_backward(grad_y: Tensor, x: Tensor, weight: Tensor, plan: ConvPlan, comp
             grad_x = grad_x.sum(1, keepdim=True) if shared_input else grad_x
     else:
         shape = plan.fft_shape()
-        gyf = torch.fft.rfftn(grad_y, s=shape, dim=plan.dims)
+        gyf = rfftn(grad_y, shape, plan.dims)
         if need_w:
-            xf = torch.fft.rfftn(x, s=shape, dim=plan.dims)
+            xf = rfftn(x, shape, plan.dims)
             # X * conj(GY) as conj(conj(X) * GY): conjugating X in place (physically, see _fft_forward) needs no
             # copy of the grad-output spectrum, and the second conjugate acts on the batch-summed spectrum only.
             xf = xf.conj_physical_() * gyf if shared_input else xf.conj_physical_().mul_(gyf)
@@ -154,11 +199,11 @@ def fft_backward(grad_y: Tensor, x: Tensor, weight: Tensor, plan: ConvPlan, comp
             untransformed = tuple(a for a in spatial_axes if a - x.ndim not in plan.dims)
             cross = xf.sum(dim=(0,) + untransformed, keepdim=True).conj_physical_()
             del xf
-            taps = gather_taps(torch.fft.irfftn(cross, s=shape, dim=plan.dims), plan)
+            taps = gather_taps(irfftn(cross, shape, plan.dims), plan)
             grad_w[(slice(None), 0) + crop_slices(plan)] = taps[0]
         if need_x:
             gyf.mul_(kernel_spectrum(weight, plan))
             if shared_input:  # x was broadcast to every filter: its gradient sums theirs
                 gyf = gyf.sum(1, keepdim=True)
-            grad_x = crop_to_input(torch.fft.irfftn(gyf, s=shape, dim=plan.dims), plan).contiguous()
+            grad_x = crop_to_input(irfftn(gyf, shape, plan.dims), plan).contiguous()
     return (None if grad_x is None else grad_x.to(x_dtype), None if grad_w is None else grad_w.to(weight_dtype))
