@@ -502,6 +502,8 @@ def main(argv=None) -> None:
     parser.add_argument("--design", action="append", default=[],
                         help='a Rep3D design alternative to time beside the default, e.g. "s0-none: blocks=0,2,2,2"')
     args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0 or args.profiled < 0 or args.divisor < 1:
+        parser.error("--repeats and --divisor must be >= 1, --warmup and --profiled >= 0")
     torch.set_num_threads(1)
     configuration, batch, classes = PLANS[args.plan](args.divisor)
     kwargs = configuration["architecture"]["arch_kwargs"]
@@ -513,11 +515,11 @@ def main(argv=None) -> None:
         name, design = parse_design(text)
         contenders.append(Contender(name, build_network("rep3d", configuration, classes, design), configuration,
                                     batch, classes))
-    rep3d = contenders[1].network
-    print("Rep3D large kernels per stage:", rep3d.encoder.stages[0][-1].conv.kernel_size if isinstance(
-        rep3d.encoder.stages[0][-1], Rep3DBlock) else "-", "...",
-        [[m.kernel_size for m in stage.modules() if isinstance(m, ModulatedDepthwiseConv)][:1]
-         for stage in rep3d.encoder.stages])
+    for contender in contenders[1:]:
+        stages = [[m.kernel_size for m in stage.modules() if isinstance(m, ModulatedDepthwiseConv)]
+                  for stage in contender.network.encoder.stages]
+        print(f"{contender.name}: large-kernel blocks per stage {[len(k) for k in stages]}, kernels "
+              f"{[k[0] if k else '-' for k in stages]}")
     for _ in range(args.warmup):
         for contender in contenders:
             contender.step()
