@@ -49,12 +49,25 @@ def rfftn(t: Tensor, shape: tuple[int, ...], dims: tuple[int, ...]) -> Tensor:
     return torch.fft.rfftn(t, s=shape, dim=dims)
 
 
-def irfftn(t: Tensor, shape: tuple[int, ...], dims: tuple[int, ...]) -> Tensor:
-    """``torch.fft.irfftn(t, s=shape, dim=dims)``: the real signal of a half spectrum; ``t`` may be overwritten."""
-    if _on_pocketfft(t):
-        return torch.from_numpy(scipy.fft.irfftn(_numpy(t), s=shape, axes=dims, workers=torch.get_num_threads(),
-                                                 overwrite_x=True))
-    return torch.fft.irfftn(t, s=shape, dim=dims)
+def irfftn_read(t: Tensor, plan: ConvPlan, read) -> Tensor:
+    """``read(torch.fft.irfftn(t, s=plan.fft_shape(), dim=plan.dims))``, where ``read(x, d)`` keeps a part of axis
+    ``d`` (``input_part`` or ``tap_part``); ``t`` may be overwritten.
+
+    On pocketfft the inverse runs one axis at a time and each axis is read right after its transform, so the rows
+    that would be thrown away are never transformed along the later axes (the output crop of a 40 x 56 x 40 input on
+    a 50 x 70 x 50 FFT keeps 64% of the rows, the weight gradient's 21^3 taps 13%).
+    """
+    if not _on_pocketfft(t):
+        result = torch.fft.irfftn(t, s=plan.fft_shape(), dim=plan.dims)
+        for d in plan.dims:
+            result = read(result, d)
+        return result
+    workers = torch.get_num_threads()
+    for d in plan.dims[:-1]:
+        t = read(torch.from_numpy(scipy.fft.ifft(_numpy(t), axis=d, workers=workers, overwrite_x=True)), d)
+    last = plan.dims[-1]
+    return read(torch.from_numpy(scipy.fft.irfft(_numpy(t), n=plan.fft_sizes[last], axis=last, workers=workers,
+                                                 overwrite_x=True)), last)
 
 
 def _axis_transform(t: Tensor, dim: int) -> Tensor:
@@ -98,18 +111,18 @@ def _centred(t: Tensor, d: int, plan: ConvPlan) -> Tensor:
     return torch.cat([t.narrow(d, r, r + 1), zeros, t.narrow(d, 0, r)], dim=d)
 
 
-def crop_to_input(t: Tensor, plan: ConvPlan) -> Tensor:
-    for d in plan.dims:
-        t = t.narrow(d, 0, plan.spatial[d])
-    return t
+def input_part(plan: ConvPlan):
+    """``irfftn_read``'s reader of the input's extent: indices 0..D-1 along each transformed axis."""
+    return lambda t, d: t.narrow(d, 0, plan.spatial[d])
 
 
-def gather_taps(t: Tensor, plan: ConvPlan) -> Tensor:
-    """Reads offsets -r..r (stored at indices n-r..n-1, 0..r) along every transformed axis, in kernel order."""
-    for d in plan.dims:
+def tap_part(plan: ConvPlan):
+    """``irfftn_read``'s reader of the kernel taps: offsets -r..r (stored at indices n-r..n-1, 0..r), in kernel
+    order."""
+    def read(t: Tensor, d: int) -> Tensor:
         r, n = plan.radii[d], plan.fft_sizes[d]
-        t = torch.cat([t.narrow(d, n - r, r), t.narrow(d, 0, r + 1)], dim=d)
-    return t
+        return torch.cat([t.narrow(d, n - r, r), t.narrow(d, 0, r + 1)], dim=d)
+    return read
 
 
 def prepared_spectrum(weight: Tensor, plan: ConvPlan, compute: torch.dtype) -> Tensor:
@@ -144,7 +157,7 @@ def apply_spectrum(x: Tensor, spectrum: Tensor, bias: Tensor | None, plan: ConvP
         # in place unless one shared input channel broadcasts against the C filters
         xf = xf.mul_(spectrum) if xf.shape[1] == spectrum.shape[0] else xf * spectrum
         del spectrum  # the last reference in a training forward: freed before the inverse transform allocates
-        y = crop_to_input(irfftn(xf, plan.fft_shape(), plan.dims), plan)
+        y = irfftn_read(xf, plan, input_part(plan))
         del xf
     else:
         y = x * spectrum  # all radii 0: a 1-tap kernel is a per-channel scale
@@ -199,11 +212,11 @@ def fft_backward(grad_y: Tensor, x: Tensor, weight: Tensor, plan: ConvPlan, comp
             untransformed = tuple(a for a in spatial_axes if a - x.ndim not in plan.dims)
             cross = xf.sum(dim=(0,) + untransformed, keepdim=True).conj_physical_()
             del xf
-            taps = gather_taps(irfftn(cross, shape, plan.dims), plan)
+            taps = irfftn_read(cross, plan, tap_part(plan))
             grad_w[(slice(None), 0) + crop_slices(plan)] = taps[0]
         if need_x:
             gyf.mul_(kernel_spectrum(weight, plan))
             if shared_input:  # x was broadcast to every filter: its gradient sums theirs
                 gyf = gyf.sum(1, keepdim=True)
-            grad_x = crop_to_input(irfftn(gyf, shape, plan.dims), plan).contiguous()
+            grad_x = irfftn_read(gyf, plan, input_part(plan)).contiguous()
     return (None if grad_x is None else grad_x.to(x_dtype), None if grad_w is None else grad_w.to(weight_dtype))
