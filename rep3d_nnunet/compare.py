@@ -134,7 +134,9 @@ def schedule(args) -> tuple[int, list[int], int]:
         raise BadInput(f"--max-iterations {args.max_iterations} must be a multiple of --iterations "
                        f"{args.iterations}; pass e.g. --max-iterations {args.iterations * 64}")
     epochs = args.max_iterations // args.iterations
-    probes = args.probes or [100 * 2 ** k for k in range(int(math.log2(max(args.max_iterations / 100, 1))) + 1)]
+    first = args.iterations * math.ceil(100 / args.iterations)  # the first whole epoch at or past 100 iterations
+    probes = args.probes or [first * 2 ** k for k in range(int(math.log2(max(args.max_iterations / first, 1))) + 1)
+                             if first * 2 ** k <= args.max_iterations]
     wrong = [p for p in probes if p % args.iterations or not 0 < p <= args.max_iterations]
     if wrong:
         raise BadInput(f"--probes {wrong} are not multiples of --iterations {args.iterations} within "
@@ -163,7 +165,8 @@ def timed_schedule(args, seconds_per_iteration: float) -> argparse.Namespace:
 
 # ---- the data: nnU-Net's fingerprint, planners and preprocessing, then the bench plans ----------------------------
 def _nnunet_command(name: str, *arguments: str) -> None:
-    env = {**os.environ, "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "1")}  # the planner's torch threads
+    # nnU-Net's planner hands nnUNet_n_proc_DA to torch.set_num_threads, which refuses 0 (augmentation in-process)
+    env = {**os.environ, "nnUNet_n_proc_DA": str(max(1, int(os.environ.get("nnUNet_n_proc_DA") or 1)))}
     subprocess.run([str(Path(sys.executable).parent / name), *arguments], env=env, check=True,
                    stdout=subprocess.DEVNULL)
 
@@ -397,8 +400,8 @@ def run_job(entry: Entry, folder: str, fold: int, args) -> str:
     if budget_file.is_file() and json.loads(budget_file.read_text()) != budget:
         raise BadInput(f"{directory} holds a run of another budget or recipe ({budget_file.read_text().strip()}); "
                        f"pass the same --max-iterations (or --budget-seconds), --iterations, --seed, --batch-size, "
-                       f"--feature-divisor and --mirroring (and the same trainer settings) to resume it, or another "
-                       f"--output")
+                       f"--feature-divisor and --mirroring (and the same trainer settings) to resume it, or delete "
+                       f"that folder to start it again")
     latest = directory / "checkpoint_latest.pth"
     if records and not latest.is_file():
         raise BadInput(f"{directory} has probe records but no checkpoint_latest.pth to resume from; delete the folder "
@@ -575,7 +578,8 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None,
                              "its measured seconds per step, probed at 1/8, 1/4, 1/2 and all of it")
     parser.add_argument("--probes", type=int, nargs="+", default=None,
                         help="iterations after which nnU-Net's validation runs, multiples of --iterations; the last "
-                             "iteration always (default: 100, 200, 400, ... up to --max-iterations)")
+                             "iteration always (default: doubling from the first epoch end at or past 100: 100, 200, 400, ... with "
+                             "--iterations 50)")
     parser.add_argument("--stop-at", type=int, default=None,
                         help="end every run after the probe at this iteration (rerun to resume from there)")
     parser.add_argument("--speed-iterations", type=int, default=5,
@@ -629,9 +633,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.max_iterations is None and args.budget_seconds is None:
         args.max_iterations = 20 * args.iterations
     check_arguments(args)
+    raw = raw_dataset(args.dataset_id)
     for variable in ("nnUNet_preprocessed", "nnUNet_results"):
         nnunet_folder(variable)
-    raw = raw_dataset(args.dataset_id)
     entries = selected_entries(args.contenders)
     if args.device is None:
         import torch

@@ -157,7 +157,6 @@ def test_a_schedule_that_does_not_fit_is_refused_before_anything_is_written(tmp_
 
 
 def test_a_run_cut_off_mid_record_keeps_its_complete_probes(tmp_path):
-    module = _load_script()
     path = tmp_path / "probes.jsonl"
     path.write_text(json.dumps({"iteration": 100, "mean_dice": 0.5}) + "\n" + '{"iteration": 200, "mea')
     assert compare.read_records(path) == [{"iteration": 100, "mean_dice": 0.5}]
