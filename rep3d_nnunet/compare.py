@@ -167,16 +167,20 @@ def timed_schedule(args, seconds_per_iteration: float) -> argparse.Namespace:
 def _nnunet_command(name: str, *arguments: str) -> None:
     # nnU-Net's planner hands nnUNet_n_proc_DA to torch.set_num_threads, which refuses 0 (augmentation in-process)
     env = {**os.environ, "nnUNet_n_proc_DA": str(max(1, int(os.environ.get("nnUNet_n_proc_DA") or 1)))}
-    subprocess.run([str(Path(sys.executable).parent / name), *arguments], env=env, check=True,
-                   stdout=subprocess.DEVNULL)
+    done = subprocess.run([str(Path(sys.executable).parent / name), *arguments], env=env, stdout=subprocess.DEVNULL)
+    if done.returncode:
+        raise BadInput(f"{name} {' '.join(arguments)} failed (exit code {done.returncode}, nnU-Net's message above); "
+                       f"fix the dataset as it says, then run compare again")
 
 
 def _preprocessed(folder: Path, plans: str) -> bool:
     if not (folder / f"{plans}.json").is_file() or not (folder / "gt_segmentations").is_dir():
         return False
-    identifier = json.loads((folder / f"{plans}.json").read_text())["configurations"][CONFIGURATION][
-        "data_identifier"]
-    return (folder / identifier).is_dir()
+    configurations = json.loads((folder / f"{plans}.json").read_text())["configurations"]
+    if CONFIGURATION not in configurations:
+        raise BadInput(f"{folder / plans}.json has no {CONFIGURATION} configuration (2D images?): compare trains "
+                       f"nnU-Net's {CONFIGURATION}")
+    return (folder / configurations[CONFIGURATION]["data_identifier"]).is_dir()
 
 
 def prepare_dataset(dataset_id: int, entries: list[Entry], feature_divisor: int, batch_size: int) -> str:
@@ -279,7 +283,8 @@ def trainer_class(contender: Contender, epochs: int, iterations: int, probes: li
                       f"mean Dice {record['mean_dice']:.3f} ({per_class})", flush=True)
 
     attributes = {}
-    rep3d_changes = {**({"kernel_size": contender.kernel_size} if contender.kernel_size else {}), **dict(contender.rep3d)}
+    kernel = {"kernel_size": contender.kernel_size} if contender.kernel_size else {}
+    rep3d_changes = {**kernel, **dict(contender.rep3d)}
     if rep3d_changes:
         attributes["rep3d"] = base.rep3d.replace(**rep3d_changes)
     if contender.optim:
@@ -394,14 +399,14 @@ def run_job(entry: Entry, folder: str, fold: int, args) -> str:
     directory = run_folder(folder, entry, fold)
     records = read_records(directory / "probes.jsonl")
     stop_iteration = stop_epoch * args.iterations
-    if any(int(r["iteration"]) >= stop_iteration for r in records):
-        return f"fold {fold}, {entry.label}: done up to {stop_iteration} iterations"
     budget_file = directory / "budget.json"
-    if budget_file.is_file() and json.loads(budget_file.read_text()) != budget:
+    if budget_file.is_file() and json.loads(budget_file.read_text()) != budget:  # before "done": its probes differ
         raise BadInput(f"{directory} holds a run of another budget or recipe ({budget_file.read_text().strip()}); "
                        f"pass the same --max-iterations (or --budget-seconds), --iterations, --seed, --batch-size, "
                        f"--feature-divisor and --mirroring (and the same trainer settings) to resume it, or delete "
                        f"that folder to start it again")
+    if any(int(r["iteration"]) >= stop_iteration for r in records):
+        return f"fold {fold}, {entry.label}: done up to {stop_iteration} iterations"
     latest = directory / "checkpoint_latest.pth"
     if records and not latest.is_file():
         raise BadInput(f"{directory} has probe records but no checkpoint_latest.pth to resume from; delete the folder "
@@ -578,8 +583,8 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None,
                              "its measured seconds per step, probed at 1/8, 1/4, 1/2 and all of it")
     parser.add_argument("--probes", type=int, nargs="+", default=None,
                         help="iterations after which nnU-Net's validation runs, multiples of --iterations; the last "
-                             "iteration always (default: doubling from the first epoch end at or past 100: 100, 200, 400, ... with "
-                             "--iterations 50)")
+                             "iteration always (default: doubling from the first epoch end at or past 100, e.g. "
+                             "100, 200, 400, ... with --iterations 50)")
     parser.add_argument("--stop-at", type=int, default=None,
                         help="end every run after the probe at this iteration (rerun to resume from there)")
     parser.add_argument("--speed-iterations", type=int, default=5,

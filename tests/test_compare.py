@@ -15,7 +15,7 @@ import pytest
 
 from rep3d_nnunet import compare_report
 from rep3d_nnunet.cli import main
-from rep3d_nnunet.compare import CONTENDERS, timed_schedule
+from rep3d_nnunet.compare import CONTENDERS, BadInput, plans_name, run_folder, run_job, timed_schedule
 from rep3d_nnunet.datasets.hippocampus import SUBSET
 from tests.helpers import nnunet_environment, run, training_environment
 
@@ -65,6 +65,27 @@ def test_dice_at_equal_time_reads_contenders_with_probes_of_their_own():
     assert "| Rep3D | 0.500 (40 it) | 0.700 (80 it) |" in table  # 50 s and 100 s, as nnU-Net's 100 and 200
     assert "| Rep3D | 0.500 | 0.700 | - | - |" in table  # per iteration (40, 80, 100, 200): its own probes
     assert "one schedule per contender (80, 200 iterations" in table
+
+
+def test_a_finished_run_of_another_budget_is_refused_not_reported_as_done(tmp_path, monkeypatch):
+    """A run that went past this schedule's end on another schedule (e.g. --max-iterations 3200 before, 800 now) has
+    probes at the same iterations from another learning-rate decay: refused with the fix, not counted as done."""
+    folder = "Dataset501_Hippocampus"
+    for variable in ("nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(variable, str(tmp_path / variable))
+    entry = CONTENDERS["nnunet_sgd"]
+    plans = {"configurations": {"3d_fullres": {"batch_size": 2, "architecture": {"arch_kwargs": {
+        "features_per_stage": [8, 16]}}}}}
+    (tmp_path / "nnUNet_preprocessed" / folder).mkdir(parents=True)
+    (tmp_path / "nnUNet_preprocessed" / folder / f"{plans_name(entry)}.json").write_text(json.dumps(plans))
+    args = argparse.Namespace(device="cpu", threads=1, jobs=1, iterations=50, max_iterations=100, probes=None,
+                              stop_at=None, seed=0, mirroring=False)
+    run = run_folder(folder, entry, 0)
+    run.mkdir(parents=True)
+    (run / "budget.json").write_text(json.dumps({"max_iterations": 3200, "iterations": 50}))
+    (run / "probes.jsonl").write_text("".join(json.dumps({"epoch": e, "iteration": 50 * e}) + "\n" for e in (2, 4)))
+    with pytest.raises(BadInput, match="holds a run of another budget or recipe"):
+        run_job(entry, folder, 0, args)
 
 
 @pytest.fixture(scope="module")
