@@ -105,20 +105,28 @@ def dice_table(rows: list[dict]) -> list[str]:
 
 def class_table(rows: list[dict]) -> list[str]:
     """Dice per class at the last probe of those with the most complete folds (a longer probe run on fewer folds
-    has its means in the Dice table)."""
-    iterations = [i for i in _iterations(rows) if complete_folds(rows, i)]
-    if not iterations:
-        return []
-    last = max(iterations, key=lambda i: (len(complete_folds(rows, i)), i))
-    folds = complete_folds(rows, last)
+    has its means in the Dice table); with schedules of their own, at the end of each contender's schedule."""
     names = class_names(rows)
-    lines = [f"**Dice per class after {last} iterations** (folds {', '.join(map(str, folds))})\n",
-             "| trainer | " + " | ".join(names) + " | mean |", "| --- |" + " --- |" * (len(names) + 1)]
+    values = dice_at(rows)
+    if own_schedules(rows):
+        last = {t: max(int(r["iteration"]) for r in rows if r["trainer"] == t) for t in _trainers(rows)}
+        folds = {t: probe_folds(values, rows, t, last[t]) for t in last}
+        title = (f"**Dice per class at the end of each contender's schedule** (folds "
+                 f"{', '.join(map(str, sorted(set().union(*folds.values()))))})\n")
+    else:
+        iterations = [i for i in _iterations(rows) if complete_folds(rows, i)]
+        if not iterations:
+            return []
+        end = max(iterations, key=lambda i: (len(complete_folds(rows, i)), i))
+        last = {t: end for t in _trainers(rows)}
+        folds = {t: complete_folds(rows, end) for t in last}
+        title = f"**Dice per class after {end} iterations** (folds {', '.join(map(str, folds[_trainers(rows)[0]]))})\n"
+    lines = [title, "| trainer | " + " | ".join(names) + " | mean |", "| --- |" + " --- |" * (len(names) + 1)]
     for trainer in _trainers(rows):
         cells = []
         for key in [f"dice_{name}" for name in names] + ["mean_dice"]:
-            v = [float(r[key]) for r in rows if r["trainer"] == trainer and int(r["iteration"]) == last
-                 and int(r["fold"]) in folds]
+            v = [float(r[key]) for r in rows if r["trainer"] == trainer and int(r["iteration"]) == last[trainer]
+                 and int(r["fold"]) in folds[trainer]]
             cells.append(f"{np.mean(v):.3f}" + (f" ± {np.std(v):.3f}" if len(v) > 1 else ""))
         lines.append(f"| {trainer} | " + " | ".join(cells) + " |")
     return lines + [""]
@@ -225,8 +233,10 @@ def summary_table(rows: list[dict], speed: list[dict] | None = None) -> str:
               f"features {first['features']}, mirroring {'on' if first['mirroring'] == 'True' else 'off'}, "
               f"{first['device']}. Dice from nnU-Net's validation (compute_metrics_on_folder, mean over the fold's "
               f"validation cases).\n")
-    lines = [header, *dice_table(rows), *class_table(rows), *paired_table(rows), *plateau_lines(rows),
-             *speed_table(rows, speed or [])]
+    # contenders with schedules of their own are compared at equal time only: at equal iterations their learning
+    # rates have decayed differently
+    per_iteration = [] if own_schedules(rows) else [*paired_table(rows), *plateau_lines(rows)]
+    lines = [header, *dice_table(rows), *class_table(rows), *per_iteration, *speed_table(rows, speed or [])]
     return "\n".join(lines)
 
 

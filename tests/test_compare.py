@@ -65,6 +65,10 @@ def test_dice_at_equal_time_reads_contenders_with_probes_of_their_own():
     assert "| Rep3D | 0.500 (40 it) | 0.700 (80 it) |" in table  # 50 s and 100 s, as nnU-Net's 100 and 200
     assert "| Rep3D | 0.500 | 0.700 | - | - |" in table  # per iteration (40, 80, 100, 200): its own probes
     assert "one schedule per contender (80, 200 iterations" in table
+    # per class at the end of each schedule; no paired table: at equal iterations the decays differ
+    assert "**Dice per class at the end of each contender's schedule** (folds 0)" in table
+    assert "| nnU-Net | 0.000 | 0.600 |" in table and "| Rep3D | 0.000 | 0.700 |" in table
+    assert "minus the best nnU-Net control" not in table
 
 
 def test_a_finished_run_of_another_budget_is_refused_not_reported_as_done(tmp_path, monkeypatch):
