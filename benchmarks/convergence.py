@@ -26,37 +26,24 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from rep3d_nnunet.compare import Contender, trainer_class
+from rep3d_nnunet.compare_report import read_rows
 
 # nnU-Net ids must be unique within one tree: one dataset per (task, seed), id = base + seed
 DATASET_ID_BASE = {"long_range": 800, "local": 900}
 PLANS_NAME = "nnUNetPlans_bench"
 CSV_FIELDS = ["seed", "task", "trainer", "epoch", "iteration", "dice_class_1", "dice_class_2", "mean_dice",
               "train_loss", "seconds", "seconds_per_iteration", "device"]
-
-
-@dataclass(frozen=True)
-class Contender:
-    """A trainer in the comparison: a label for the plot and how to build its class."""
-
-    label: str
-    base: str  # "nnUNetTrainer" or a Rep3D variant name from rep3d_nnunet.variants
-    kernel_size: int | None = None  # overrides the Rep3D variant's large kernel
-    # further changes to a Rep3D variant's settings and optimizer (pairs of Rep3DSettings / OptimizerSettings fields)
-    rep3d: tuple[tuple[str, object], ...] = ()
-    optim: tuple[tuple[str, object], ...] = ()
-    # attributes set on the trainer after nnU-Net's __init__ (e.g. nnUNetTrainer_warmup's warmup_duration_whole_net)
-    attributes: tuple[tuple[str, object], ...] = ()
 
 
 CONTENDERS = (
@@ -154,71 +141,6 @@ def write_bench_plans(preprocessed: Path, base_features: int, max_features: int)
 
 
 # ---- trainers with a validation probe --------------------------------------------------------------------------------
-def base_trainer_class(name: str):
-    """A trainer class by name: a Rep3D variant (``rep3d_nnunet.variants``) or one of nnU-Net's own trainers."""
-    import nnunetv2
-    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
-
-    from rep3d_nnunet.variants import make_trainer_class
-
-    try:
-        return make_trainer_class(name)
-    except ValueError:
-        pass
-    found = recursive_find_python_class(str(Path(nnunetv2.__path__[0]) / "training" / "nnUNetTrainer"), name,
-                                        "nnunetv2.training.nnUNetTrainer")
-    if found is None:
-        raise ValueError(f"{name!r} is neither a Rep3D variant nor one of nnU-Net's trainers")
-    return found
-
-
-def trainer_class(contender: Contender, epochs: int, iterations: int, probes: list[int], probe=None,
-                  name: str | None = None):
-    """The contender's trainer class with the run length set and a Dice probe after the chosen epochs.
-
-    ``probe(trainer, epoch)`` returns the record's Dice fields (default: ``validation_dice``); the time it takes is
-    summed in the trainer's ``probe_seconds``, so that training time can be told apart from probing time. ``name``:
-    the class name (nnU-Net names the output folder after it); default from the base trainer and kernel.
-    """
-    base = base_trainer_class(contender.base)
-    probe = probe or (lambda trainer, _: validation_dice(trainer))
-
-    class Probed(base):
-        def __init__(self, plans, configuration, fold, dataset_json, device=None):
-            super().__init__(plans, configuration, fold, dataset_json, device)
-            self.num_epochs = epochs
-            self.num_iterations_per_epoch = iterations
-            self.num_val_iterations_per_epoch = 2
-            for name, value in contender.attributes:
-                setattr(self, name, value)
-            self.save_every = 10 ** 6  # checkpoints cost time and disk; the probe records what we need
-            self.probe_records: list[dict] = []
-            self.probe_seconds = 0.0
-
-        def on_epoch_end(self):
-            epoch = self.current_epoch + 1
-            super().on_epoch_end()
-            if epoch in probes:
-                started = time.time()
-                record = probe(self, epoch)
-                self.probe_seconds += time.time() - started
-                record.update(epoch=epoch, iteration=epoch * iterations,
-                              train_loss=float(self.logger.get_value("train_losses", step=-1)))
-                self.probe_records.append(record)
-                per_class = ", ".join(f"{record[k]:.3f}" for k in record if k.startswith("dice_"))
-                print(f"  {contender.label}: epoch {epoch}, iteration {epoch * iterations}: "
-                      f"mean Dice {record['mean_dice']:.3f} ({per_class})", flush=True)
-
-    attributes = {}
-    rep3d_changes = {**({"kernel_size": contender.kernel_size} if contender.kernel_size else {}), **dict(contender.rep3d)}
-    if rep3d_changes:
-        attributes["rep3d"] = base.rep3d.replace(**rep3d_changes)
-    if contender.optim:
-        attributes["optim"] = dataclasses.replace(base.optim, **dict(contender.optim))
-    name = name or f"{contender.base}Bench" + (f"K{contender.kernel_size}" if contender.kernel_size else "")
-    return type(name, (Probed,), attributes)
-
-
 def validation_dice(trainer) -> dict:
     """Dice per foreground class on the fold's validation cases (sliding window, no mirroring), mean over cases."""
     import torch
@@ -264,7 +186,9 @@ def run_contender(contender: Contender, folder: str, seed: int, task: str, args)
     plans = load_json(str(preprocessed / f"{args.plans or PLANS_NAME}.json"))
     plans["continue_training"] = False  # nnUNetTrainer pops this key, which nnU-Net's run_training adds
     dataset_json = load_json(str(preprocessed / "dataset.json"))
-    cls = trainer_class(contender, args.epochs, args.iterations, probe_epochs(args))
+    name = f"{contender.base}Bench" + (f"K{contender.kernel_size}" if contender.kernel_size else "")
+    cls = trainer_class(contender, args.epochs, args.iterations, probe_epochs(args),
+                        lambda trainer, _: validation_dice(trainer), name)
     torch.manual_seed(seed)
     np.random.seed(seed)
     trainer = cls(plans, "3d_fullres", args.fold, dataset_json, torch.device(args.device))
@@ -282,11 +206,6 @@ def run_contender(contender: Contender, folder: str, seed: int, task: str, args)
 
 
 # ---- report ----------------------------------------------------------------------------------------------------------
-def read_rows(csv_path: Path) -> list[dict]:
-    with open(csv_path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def summary_table(rows: list[dict]) -> str:
     """Markdown: mean Dice (mean ± std over seeds, [min, max]) per task, trainer and iteration."""
     lines = []

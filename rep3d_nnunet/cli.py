@@ -81,6 +81,9 @@ _LIBRARY_COMMANDS = {
     "demo": _LibraryCommand("end to end on real MRI (MSD Hippocampus) or a synthetic task: convert, plan, train, "
                             "export, predict, evaluate, one table and one picture",
                             ".demo"),
+    "compare": _LibraryCommand("does Rep3D pay on this dataset? nnU-Net's trainers (SGD, AdamW, ResEnc M) against the "
+                               "default Rep3D trainer on your folds and budget: Dice per iteration and at equal "
+                               "training time, resumable", ".compare"),
 }
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from rep3d_nnunet import compare, compare_report
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "hippocampus.py"
 TASK04_JSON = {"name": "Hippocampus", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "Anterior",
                                                                           "2": "Posterior"},
@@ -99,7 +101,7 @@ def test_tables_only_average_folds_that_every_contender_has_at_that_probe():
     module = _load_script()
     rows = _rows(module, {("A", "0"): 0.3, ("B", "0"): 0.7, ("A", "1"): 0.9}, 50)
     rows += _rows(module, {("A", "0"): 0.4, ("B", "0"): 0.8, ("A", "1"): 0.95, ("B", "1"): 0.85}, 100)
-    assert module.complete_folds(rows, 50) == [0] and module.complete_folds(rows, 100) == [0, 1]
+    assert compare_report.complete_folds(rows, 50) == [0] and compare_report.complete_folds(rows, 100) == [0, 1]
     table = module.summary_table(rows)
     assert "| trainer | 50 it (1 fold) | 100 it (2 folds) |" in table
     assert "| A | 0.300 | 0.675 ± 0.275 |" in table  # fold 1 at 50 iterations left out: B lacks it
@@ -120,7 +122,7 @@ def test_plateau_is_the_best_controls_gain_per_doubling():
     rows = _rows(module, {("nnU-Net A", "0"): 0.50, ("Rep3D", "0"): 0.1}, 100)
     rows += _rows(module, {("nnU-Net A", "0"): 0.505, ("Rep3D", "0"): 0.2}, 200)
     rows += _rows(module, {("nnU-Net A", "0"): 0.9, ("Rep3D", "0"): 0.3}, 300)  # not a doubling: no gain line
-    assert module.plateau_lines(rows)[1] == "- fold 0: best control's gain per doubling: 100 -> 200: +0.005"
+    assert compare_report.plateau_lines(rows)[1] == "- fold 0: best control's gain per doubling: 100 -> 200: +0.005"
 
 
 def test_dice_at_equal_training_time_uses_the_measured_step_times():
@@ -131,11 +133,11 @@ def test_dice_at_equal_training_time_uses_the_measured_step_times():
     speed = [{"trainer": "nnU-Net A", "seconds_per_iteration": "0.5", "steps": "8", "batch_size": "2",
               "device": "cpu"}, {"trainer": "Rep3D", "seconds_per_iteration": "1.0", "steps": "8",
                                  "batch_size": "2", "device": "cpu"}]
-    table = "\n".join(module.speed_table(rows, speed))
+    table = "\n".join(compare_report.speed_table(rows, speed))
     assert "| Rep3D | 1.000 | 2.00x |" in table
     # the control's probes take 50, 100 and 200 s; Rep3D reaches 100 iterations in 100 s, 200 in 200 s
     assert "| Rep3D | - | 0.400 (100 it) | 0.600 (200 it) |" in table
-    assert module.speed_table(rows, []) == ["Speed: not measured (run with --speed-iterations N).\n"]
+    assert compare_report.speed_table(rows, []) == ["Speed: not measured (run with --speed-iterations N).\n"]
 
 
 @pytest.mark.parametrize("flags, phrase", [
@@ -155,11 +157,10 @@ def test_a_schedule_that_does_not_fit_is_refused_before_anything_is_written(tmp_
 
 
 def test_a_run_cut_off_mid_record_keeps_its_complete_probes(tmp_path):
-    module = _load_script()
     path = tmp_path / "probes.jsonl"
     path.write_text(json.dumps({"iteration": 100, "mean_dice": 0.5}) + "\n" + '{"iteration": 200, "mea')
-    assert module.read_records(path) == [{"iteration": 100, "mean_dice": 0.5}]
-    assert module.read_records(tmp_path / "absent.jsonl") == []
+    assert compare.read_records(path) == [{"iteration": 100, "mean_dice": 0.5}]
+    assert compare.read_records(tmp_path / "absent.jsonl") == []
 
 
 def test_a_run_of_another_budget_or_recipe_is_not_resumed(tmp_path, monkeypatch):
@@ -172,22 +173,22 @@ def test_a_run_of_another_budget_or_recipe_is_not_resumed(tmp_path, monkeypatch)
     plans = {"configurations": {"3d_fullres": {"batch_size": 2, "architecture": {"arch_kwargs": {
         "features_per_stage": [8, 16]}}}}}
     entry = module.CONTENDERS[2]  # the Rep3D default trainer
-    (preprocessed / folder / f"{module.plans_name(entry)}.json").write_text(json.dumps(plans))
+    (preprocessed / folder / f"{compare.plans_name(entry)}.json").write_text(json.dumps(plans))
     monkeypatch.setenv("nnUNet_preprocessed", str(preprocessed))
     monkeypatch.setenv("nnUNet_results", str(results))
     args = module.parse_args(["--max-iterations", "100", "--iterations", "50", "--probes", "50", "100"])
-    run = module.run_folder(folder, entry, 0)
+    run = compare.run_folder(folder, entry, 0)
     run.mkdir(parents=True)
     (run / "budget.json").write_text(json.dumps({"max_iterations": 100, "recipe": "an older default"}))
-    with pytest.raises(module.BadInput, match="another budget or recipe"):
-        module.run_job(entry, folder, 0, args)
+    with pytest.raises(compare.BadInput, match="another budget or recipe"):
+        compare.run_job(entry, folder, 0, args)
 
 
 def test_the_slices_figure_skips_folds_whose_predictions_are_gone(tmp_path):
     """A resumed benchmark whose nnU-Net tree was rebuilt has CSV rows for folds without predictions on disk: the
     figure is drawn from a fold that has them, or not at all, and never stops the report."""
     module = _load_script()
-    rows = [{"fold": "0", "trainer": entry.label, "trainer_class": module.class_name(entry), "epoch": "2"}
+    rows = [{"fold": "0", "trainer": entry.label, "trainer_class": compare.class_name(entry), "epoch": "2"}
             for entry in module.CONTENDERS]
     assert module.slices_figure(rows, tmp_path / "results", tmp_path / "raw", tmp_path / "slices.png") is False
     assert not (tmp_path / "slices.png").exists()
