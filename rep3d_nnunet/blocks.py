@@ -60,10 +60,11 @@ class ModulatedDepthwiseConv(nn.Module):
 
     Training forward: y = depthwise_conv(x, W_eff) with W_eff = W * M (``lrbm``, ``fixed``), W (``none``), or
     aL * W + aS * pad(W_small) + matching bias (``csla``; by linearity one convolution with the merged kernel gives
-    exactly the two-branch output and gradients). W_eff is built functionally by one formula in every mode, so
-    gradients reach W, beta and the generator and eval (with or without autograd, compiled or eager) computes what
-    training computes; eager eval without autograd keeps the mask and the transformed kernel until a parameter
-    changes (``eval_cache``).
+    exactly the two-branch output and gradients). W_eff is built functionally in every mode, so gradients reach W,
+    beta and the generator. Training computes the mask in float32; eval (with or without autograd, compiled or eager)
+    computes it in float64 rounded once, so that a folded export, computed by another process with another thread
+    count, holds exactly the kernel the trained model applies; eager eval without autograd keeps the mask and the
+    transformed kernel until a parameter changes (``eval_cache``).
 
     Args:
         channels: C (input == output channels).
@@ -148,19 +149,30 @@ class ModulatedDepthwiseConv(nn.Module):
         return not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
 
     def mask(self) -> torch.Tensor:
-        """M, shape [C or 1, 1, *k], computed as a training step computes it (float32, also under autocast).
+        """M, shape [C or 1, 1, *k]: in training as a training step computes it (float32, also under autocast), in
+        eval (compiled or eager, with or without autograd) in float64 rounded once to the weight's dtype.
 
-        There is one formula in every mode; eager eval without autograd keeps its result per distinct content of the
-        modulation's parameters (``EVAL_MASKS_KEPT`` per conv, in ``eval_cache``), so the tiles of a case share it,
-        and reloading the same weights, or switching between the folds of an ensemble, finds it again.
+        The float64 eval mask is what makes an export exact: the generator's norm reductions in float32 depend on the
+        thread count (about 5e-9 relative), and nnU-Net's instance norms amplify such differences on near-constant
+        tiles (1e-4 in probabilities, measured on a 5-fold tiny model); rounded from float64 the mask is the same
+        whatever the thread count, so the folded kernels that ``rep3d-nnunet export`` computes are bit for bit the
+        ones ``nnUNetv2_predict`` applies with the training folder. Eager eval without autograd keeps the mask per
+        distinct content of the modulation's parameters (``EVAL_MASKS_KEPT`` per conv, in ``eval_cache``), so the
+        tiles of a case share it, and reloading the same weights, or switching between the folds of an ensemble,
+        finds it again.
         """
-        if not self._eval_cacheable():
+        if self.training:
             return self.modulation()
+        if not self._eval_cacheable():
+            return self._eval_mask()
         tensors = [*self.modulation.parameters(), *self.modulation.buffers()]
         mask = CACHE.lookup(self, "mask", tensors, self.weight.dtype)
         if mask is None:
-            mask = CACHE.store(self, "mask", tensors, self.modulation(), self.weight.dtype, per_owner=EVAL_MASKS_KEPT)
+            mask = CACHE.store(self, "mask", tensors, self._eval_mask(), self.weight.dtype, per_owner=EVAL_MASKS_KEPT)
         return mask
+
+    def _eval_mask(self) -> torch.Tensor:
+        return self.modulation(torch.float64).to(self.weight.dtype)
 
     def train(self, mode: bool = True) -> "ModulatedDepthwiseConv":
         if mode:

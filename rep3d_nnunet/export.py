@@ -85,7 +85,7 @@ def expected_folded_kernels(network: nn.Module) -> dict[str, tuple[torch.Tensor,
     """What folding must write into each large kernel of an unfolded network, by module name: W * M (CSLA: the merged
     branches) and the bias, a following BatchNorm fused where the block fuses it.
 
-    Computed by the training formula with autograd on (the eval cache, which folding itself reads, is not consulted),
+    Computed by the eval formula with autograd on (the eval cache, which folding itself reads, is not consulted),
     one kernel at a time, so no activation memory is held.
     """
     expected = {}
@@ -177,7 +177,7 @@ def fold_checkpoint(folder: ModelFolder, checkpoint_path: Path, plans: dict, tol
     """Folds one training checkpoint and checks the network nnU-Net will build from ``plans`` with its weights.
 
     Two checks: every folded kernel (and bias) equals W * M (CSLA: the merged branches; a fused BatchNorm applied)
-    computed from the checkpoint by the training formula, within ``kernel_tolerance`` (relative L2, per kernel); and
+    computed from the checkpoint by the eval formula (uncached), within ``kernel_tolerance`` (relative L2, per kernel); and
     the logits at the full patch size equal the trained network's eval forward within ``tolerance`` (relative L2 over
     all logits). The first is what sees every kernel: a residual block whose layer scale is still 0 (where the default
     network's blocks start) passes its input through whatever its kernel is, so the logits cannot see that kernel.

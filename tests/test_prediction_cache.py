@@ -260,9 +260,10 @@ def test_eval_forwards_read_nothing_back_while_the_weights_stay_and_once_per_con
     torch.testing.assert_close(again, first, rtol=0, atol=0)
 
 
-def test_eval_paths_compute_what_training_computes():
-    """One kernel formula: eval without autograd (cached), eval with autograd and a training forward give the same
-    numbers, bit for bit (the cached eval path used to compute its mask in float64)."""
+def test_eval_paths_compute_one_kernel_and_training_computes_it_to_rounding():
+    """One eval formula: eval without autograd (cached), eval with autograd and a compiled-style uncached eval forward
+    give the same numbers bit for bit (the export folds exactly what prediction applies); a training forward (float32
+    mask) agrees to float rounding."""
     torch.manual_seed(0)
     conv = ModulatedDepthwiseConv(4, 9, dim=3, modulation="lrbm", backend="fft")
     with torch.no_grad():
@@ -274,8 +275,30 @@ def test_eval_paths_compute_what_training_computes():
         cached = [conv(x) for _ in range(2)]
     with torch.enable_grad():
         with_grad = conv(x).detach()
-    for output in (*cached, with_grad):
-        torch.testing.assert_close(output, training, rtol=0, atol=0)
+    for output in (cached[1], with_grad):
+        torch.testing.assert_close(output, cached[0], rtol=0, atol=0)
+    torch.testing.assert_close(cached[0], training, rtol=1e-5, atol=1e-6)
+
+
+def test_the_eval_mask_does_not_depend_on_the_thread_count():
+    """The folded kernels of an export (one process) are the kernels the training folder applies in another
+    (nnUNetv2_predict, another thread count): the eval mask is the same whatever the threads."""
+    torch.manual_seed(0)
+    conv = ModulatedDepthwiseConv(16, 21, dim=3, modulation="lrbm", backend="fft").eval()
+    with torch.no_grad():
+        for parameter in conv.modulation.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    threads = torch.get_num_threads()
+    masks = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            with torch.no_grad():
+                masks.append(conv._eval_mask())
+    finally:
+        torch.set_num_threads(threads)
+    for mask in masks[1:]:
+        torch.testing.assert_close(mask, masks[0], rtol=0, atol=0)
 
 
 def test_a_budget_below_the_working_set_still_serves_what_fits(mask_computations, monkeypatch):
