@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .backend_choice import choose_backend
+from .backend_cost_model import choose_backend
 from .eval_cache import CACHE
 from .kernel_geometry import check_kernel_size, fft_workspace_voxels
 from .modulation import KernelModulation, check_generator, check_modulation_mode
