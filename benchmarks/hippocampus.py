@@ -118,7 +118,18 @@ HYPOTHESES = (
     hypothesis("H8 H2 + pointwise mixing in the blocks", {"stage_convs": "plan", "block_layer_scale": 0.0,
                                                           "block_pointwise": True}),
 )
-ALL_ENTRIES = CONTENDERS + OPTIONAL + HYPOTHESES
+# Cheaper Rep3D designs (docs/hippocampus.md, "Worth its cost"): the default network with fewer large-kernel blocks
+# where the voxels are. Stage 0 holds most of them and its two 21^3 convolutions cost ~40% of nnU-Net's whole step
+# (docs/performance.md); on this plan a 21^3 kernel at stage 1 (20 x 28 x 20) already sees the whole patch.
+DESIGNS = (
+    Entry(Contender("Rep3D D1: 1 block per stage from stage 1", "nnUNetTrainerRep3D",
+                    rep3d=(("blocks_per_stage", 1), ("first_block_stage", 1)))),
+    Entry(Contender("Rep3D D2: 2 blocks per stage from stage 2", "nnUNetTrainerRep3D",
+                    rep3d=(("first_block_stage", 2),))),
+    Entry(Contender("Rep3D D3: 2 blocks per stage from stage 1", "nnUNetTrainerRep3D",
+                    rep3d=(("first_block_stage", 1),))),
+)
+ALL_ENTRIES = CONTENDERS + OPTIONAL + HYPOTHESES + DESIGNS
 # the order of the tables: nnU-Net's controls first, then the contenders as listed
 DISPLAY_ORDER = [e.label for e in sorted(ALL_ENTRIES, key=lambda e: e not in CONTENDERS[:2] + (RESENC_M,))]
 # the slices figure shows the first contender (nnU-Net's default) beside this one
@@ -135,7 +146,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                   contenders=False)
     parser.add_argument("--only", nargs="+", default=None,
                         help="labels of the contenders to run (default: the seven of the comparison); also the "
-                             "optional ones: " + "; ".join(e.label for e in OPTIONAL + HYPOTHESES))
+                             "optional ones: " + "; ".join(e.label for e in OPTIONAL + HYPOTHESES + DESIGNS))
     parser.add_argument("--plot-only", default=None, metavar="CSV",
                         help="redraw tables and plots from a CSV (of the --only contenders if given)")
     return parser.parse_args(argv)

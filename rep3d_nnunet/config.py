@@ -41,6 +41,9 @@ class Rep3DSettings:
         kernel_size: requested large kernel per axis; capped per stage by the feature map (see
             ``kernel_geometry.stage_kernel_sizes``).
         blocks_per_stage: Rep3D/UX-Net blocks after each stage's strided conv.
+        first_block_stage: the first encoder stage with Rep3D blocks (0: every stage). Stage 0 holds most of the
+            voxels and its large-kernel convolutions dominate a step's cost (docs/performance.md); stages before this
+            one keep only the plan's convolutions.
         generator_depth, generator_kernel: LRBM generator (paper defaults 2 and 7).
         small_kernel, csla_scales: CSLA small branch size and branch scales (aL, aS).
         spacing_aware_prior: measure the prior's distances in physical units of each stage's voxel spacing.
@@ -58,6 +61,7 @@ class Rep3DSettings:
     modulation: str = "lrbm"
     kernel_size: int = 21
     blocks_per_stage: int = 2
+    first_block_stage: int = 0
     generator_depth: int = 2
     generator_kernel: int = 7
     small_kernel: int = 3
@@ -83,6 +87,8 @@ class Rep3DSettings:
         check_generator(self.generator_depth, self.generator_kernel)
         if self.blocks_per_stage < 1:
             raise ValueError(f"blocks_per_stage must be at least 1, got {self.blocks_per_stage}.")
+        if self.first_block_stage < 0:
+            raise ValueError(f"first_block_stage must be at least 0, got {self.first_block_stage}.")
         if self.conv_backend not in BACKENDS:
             raise ValueError(f"Unknown conv backend {self.conv_backend!r}; allowed values are {', '.join(BACKENDS)}.")
         if self.topology not in TOPOLOGIES:
@@ -168,12 +174,16 @@ def describe_translation(network_class_name: str, arch_kwargs: dict, settings: R
         "residual Rep3D" if settings.block_layer_scale is not None else "Rep3D")
     added = (f"{settings.blocks_per_stage} {kind} blocks per stage ({settings.kernel_size}^3 {settings.modulation} "
              f"kernels, capped by each stage's feature map)")
+    where = "each stage's" if settings.first_block_stage == 0 else \
+        f"each stage's from stage {settings.first_block_stage} on (none at the first {settings.first_block_stage})"
+
     if source == "Rep3DUNet":
         source = "Rep3DUNet (rep3d-nnunet plan, or an export's plans; this trainer's Rep3D settings)"
     kept = f"Rep3D on the plan's {source}: kept its stages, features, strides, kernel sizes, norm, decoder, patch and batch"
     if settings.stage_convs == "plan":
-        return f"{kept} and its {plan_stage}; added after each stage's: {added}."
-    return f"{kept}; replaced its {plan_stage} by one strided convolution per stage followed by {added}."
+        return f"{kept} and its {plan_stage}; added after {where}: {added}."
+    return (f"{kept}; replaced its {plan_stage} by one strided convolution per stage, followed in {where} by "
+            f"{added}.")
 
 
 def rep3d_architecture(network_class_name: str, arch_kwargs: dict, patch_size: Sequence[int],
@@ -202,7 +212,14 @@ def rep3d_architecture(network_class_name: str, arch_kwargs: dict, patch_size: S
     if settings.topology == "paper":
         kwargs.update(paper_topology(patch_size))
     else:
-        kwargs["n_blocks_per_stage"] = settings.blocks_per_stage
+        n_stages = arch_kwargs["n_stages"]
+        if settings.first_block_stage >= n_stages:
+            raise ValueError(
+                f"first_block_stage {settings.first_block_stage} leaves no stage of this plan's {n_stages} with Rep3D "
+                f"blocks; use a first_block_stage below {n_stages}.")
+        # an int where every stage has blocks: the plans and exports written before first_block_stage stay identical
+        kwargs["n_blocks_per_stage"] = settings.blocks_per_stage if settings.first_block_stage == 0 else \
+            [0 if s < settings.first_block_stage else settings.blocks_per_stage for s in range(n_stages)]
         residual = _plan_residual_blocks(network_class_name, arch_kwargs)
         if settings.stage_convs == "plan" and residual is not None:
             kwargs["n_residual_blocks_per_stage"] = residual

@@ -94,3 +94,27 @@ def test_spacing_aware_prior_uses_each_stage_spacing():
     first = next(m for m in network.modules() if isinstance(m, ModulatedDepthwiseConv))
     prior = first.modulation.prior()
     assert prior[0, 10, 11].item() == pytest.approx(0.5)  # one finest-axis step: index units kept
+
+
+def test_first_block_stage_leaves_the_first_stages_to_the_plans_convolutions():
+    # the cheaper designs of docs/hippocampus.md: no large-kernel blocks where most voxels are
+    full = build(Rep3DSettings(conv_backend="direct"))
+    later = build(Rep3DSettings(conv_backend="direct", first_block_stage=1))
+    stages_with_blocks = [[isinstance(m, ModulatedDepthwiseConv) for m in stage.modules()].count(True)
+                          for stage in later.encoder.stages]
+    assert stages_with_blocks == [0, 2, 2]
+    assert [[isinstance(m, ModulatedDepthwiseConv) for m in stage.modules()].count(True)
+            for stage in full.encoder.stages] == [2, 2, 2]
+    # the plan's own convolutions stay: the same stage 0 as the full network's, less its blocks
+    assert len(later.encoder.stages[0]) == 1 and len(full.encoder.stages[0]) == 3
+    outputs = later(torch.randn(1, 1, 8, 16, 16))
+    sum(o.mean() for o in outputs).backward()
+    assert all(torch.isfinite(p.grad).all() for p in later.parameters() if p.grad is not None)
+
+
+def test_a_first_block_stage_past_the_plans_stages_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="first_block_stage 3 leaves no stage of this plan's 3 with Rep3D blocks; "
+                                         "use a first_block_stage below 3"):
+        rep3d_architecture(PLAIN, plain_plan_kwargs(), [8, 16, 16], [1.0] * 3, Rep3DSettings(first_block_stage=3))
+    with pytest.raises(ValueError, match="first_block_stage must be at least 0"):
+        Rep3DSettings(first_block_stage=-1)
