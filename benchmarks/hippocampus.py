@@ -125,9 +125,9 @@ DESIGNS = (
     Entry(Contender("Rep3D D1: 1 block per stage from stage 1", "nnUNetTrainerRep3D",
                     rep3d=(("blocks_per_stage", 1), ("first_block_stage", 1)))),
     Entry(Contender("Rep3D D2: 2 blocks per stage from stage 2", "nnUNetTrainerRep3D",
-                    rep3d=(("first_block_stage", 2),))),
+                    rep3d=(("blocks_per_stage", 2), ("first_block_stage", 2)))),
     Entry(Contender("Rep3D D3: 2 blocks per stage from stage 1", "nnUNetTrainerRep3D",
-                    rep3d=(("first_block_stage", 1),))),
+                    rep3d=(("blocks_per_stage", 2), ("first_block_stage", 1)))),
 )
 ALL_ENTRIES = CONTENDERS + OPTIONAL + HYPOTHESES + DESIGNS
 # the order of the tables: nnU-Net's controls first, then the contenders as listed
