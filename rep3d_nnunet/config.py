@@ -60,8 +60,8 @@ class Rep3DSettings:
     block: str = "rep3d"
     modulation: str = "lrbm"
     kernel_size: int = 21
-    blocks_per_stage: int = 2
-    first_block_stage: int = 0
+    blocks_per_stage: int = 1
+    first_block_stage: int = 1
     generator_depth: int = 2
     generator_kernel: int = 7
     small_kernel: int = 3
@@ -136,7 +136,8 @@ def paper_topology(patch_size: Sequence[int]) -> dict:
 
 # The paper's network as settings: its encoder topology and plain blocks (depthwise conv -> norm -> GELU, no residual),
 # whatever the defaults of the plan-topology network are.
-PAPER_SETTINGS = Rep3DSettings(topology="paper", stage_convs="one", block_layer_scale=None, block_pointwise=False)
+PAPER_SETTINGS = Rep3DSettings(topology="paper", stage_convs="one", block_layer_scale=None, block_pointwise=False,
+                               blocks_per_stage=2, first_block_stage=0)
 
 
 def _class_name(dotted: str) -> str:

@@ -44,9 +44,11 @@ def test_every_method_builds_the_intended_network(name):
     settings = METHODS[name].rep3d
     network = build(settings)
     convs = [m for m in network.modules() if isinstance(m, ModulatedDepthwiseConv)]
-    assert len(convs) == 3 * settings.blocks_per_stage
+    assert len(convs) == (3 - settings.first_block_stage) * settings.blocks_per_stage
     assert {c.modulation_mode for c in convs} == {settings.modulation}
-    assert convs[0].kernel_size == (1, min(settings.kernel_size, 31), min(settings.kernel_size, 31))
+    # the first block's stage: 8 x 16 x 16 at stage 0 (kernels flat along the plan's flat first axis), 8^3 at stage 1
+    first_map = [(1, 31, 31), (15, 15, 15)][settings.first_block_stage]
+    assert convs[0].kernel_size == tuple(min(settings.kernel_size, m) for m in first_map)
     assert any(isinstance(m, UXNetBlock) for m in network.modules()) == (settings.block == "uxnet")
     outputs = network(torch.randn(1, 1, 8, 16, 16))
     sum(o.mean() for o in outputs).backward()
@@ -75,8 +77,8 @@ def test_unknown_trainer_variant_lists_what_exists():
 
 
 def test_memory_estimate_counts_the_large_kernel_blocks_and_fft_workspace():
-    direct = build(Rep3DSettings(conv_backend="direct"), deep_supervision=False)
-    fft = build(Rep3DSettings(conv_backend="fft"), deep_supervision=False)
+    direct = build(Rep3DSettings(conv_backend="direct", blocks_per_stage=2), deep_supervision=False)
+    fft = build(Rep3DSettings(conv_backend="fft", blocks_per_stage=2), deep_supervision=False)
     fewer_blocks = build(Rep3DSettings(conv_backend="direct", blocks_per_stage=1), deep_supervision=False)
     size = (8, 16, 16)
     # feature maps (nnU-Net's measure) do not depend on the backend; the FFT workspace is counted apart
@@ -88,7 +90,7 @@ def test_memory_estimate_counts_the_large_kernel_blocks_and_fft_workspace():
 
 def test_spacing_aware_prior_uses_each_stage_spacing():
     kwargs, _ = rep3d_architecture(PLAIN, plain_plan_kwargs(), [8, 16, 16], [3.0, 0.8, 0.8],
-                                   Rep3DSettings(spacing_aware_prior=True))
+                                   Rep3DSettings(spacing_aware_prior=True, first_block_stage=0))
     assert kwargs["stage_spacings"] == [[3.0, 0.8, 0.8], [3.0, 1.6, 1.6], [6.0, 3.2, 3.2]]
     network = get_network_from_plans(REP3D_NETWORK_CLASS, kwargs, ["conv_op", "norm_op", "nonlin"], 1, 2)
     first = next(m for m in network.modules() if isinstance(m, ModulatedDepthwiseConv))
@@ -98,8 +100,8 @@ def test_spacing_aware_prior_uses_each_stage_spacing():
 
 def test_first_block_stage_leaves_the_first_stages_to_the_plans_convolutions():
     # the cheaper designs of docs/hippocampus.md: no large-kernel blocks where most voxels are
-    full = build(Rep3DSettings(conv_backend="direct"))
-    later = build(Rep3DSettings(conv_backend="direct", first_block_stage=1))
+    full = build(Rep3DSettings(conv_backend="direct", blocks_per_stage=2, first_block_stage=0))
+    later = build(Rep3DSettings(conv_backend="direct", blocks_per_stage=2, first_block_stage=1))
     stages_with_blocks = [[isinstance(m, ModulatedDepthwiseConv) for m in stage.modules()].count(True)
                           for stage in later.encoder.stages]
     assert stages_with_blocks == [0, 2, 2]

@@ -85,7 +85,9 @@ def test_erf_rejects_a_channel_the_network_does_not_have():
 @pytest.mark.parametrize("mode, shown", [("lrbm", "M = P + f(P)"), ("fixed", "M = P"), ("none", "|W_eff|"),
                                          ("csla", "|W_eff|")])
 def test_block_kernels_show_the_mask_where_there_is_one_and_the_kernel_otherwise(mode, shown):
-    network = build(Rep3DSettings(modulation=mode, kernel_size=7), deep_supervision=False)
+    # two blocks at every stage (not the default's one from stage 1 on): kernels are listed by stage and block
+    network = build(Rep3DSettings(modulation=mode, kernel_size=7, blocks_per_stage=2, first_block_stage=0),
+                    deep_supervision=False)
     kernels = block_kernels(network)
     assert [(k.stage, k.block) for k in kernels] == [(s, b) for s in range(3) for b in range(2)]
     assert all(k.shown.startswith(shown) for k in kernels)
@@ -135,12 +137,13 @@ def test_masks_and_erf_of_a_trained_model_folder_and_of_its_export(dim, tmp_path
     out = tmp_path / f"rep3d_masks_{trained.name}"  # default: the current directory, not the model folder
     _assert_picture(out / "masks.png")
     masks = json.loads((out / "masks.json").read_text())
-    assert not masks["folded"] and len(masks["blocks"]) == 6
+    # the default network on the 3-stage test plan: one block at stages 1 and 2, the first 15 wide (stage 1's map is 8)
+    assert not masks["folded"] and [(b["stage"], b["block"]) for b in masks["blocks"]] == [(1, 0), (2, 0)]
     first = masks["blocks"][0]
     assert first["mode"] == "lrbm" and first["beta"] > 0
-    assert first["kernel_size"] == ([1, 21, 21] if dim == 3 else [21, 21])
+    assert first["kernel_size"] == [15] * dim
     assert first["centre_edge_ratio"] > 1
-    assert len(list(csv.DictReader((out / "masks.csv").open()))) == 6
+    assert len(list(csv.DictReader((out / "masks.csv").open()))) == 2
     assert sorted(p.name for p in trained.iterdir()) == ["dataset.json", "fold_0", "plans.json"]
 
     size = ["8", "16", "16"] if dim == 3 else ["16", "16"]
