@@ -220,6 +220,61 @@ def speed_table(rows: list[dict], speed: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def reached_within(rows: list[dict], seconds: dict[str, float], trainer: str, fold: int,
+                   budget: float) -> tuple[int, float] | None:
+    """(iteration, mean Dice) of ``trainer``'s last probe on ``fold`` within ``budget`` seconds of training; None where
+    its run has not trained that far: no probe within the budget, a last probe short of half of it (probes double at
+    most), or a stop before a probe it makes on another fold that would still be within the budget (a run cut short is
+    not counted as if it had used the time)."""
+    own = sorted((int(r["iteration"]), float(r["mean_dice"])) for r in rows
+                 if r["trainer"] == trainer and int(r["fold"]) == fold)
+    within = [(i, v) for i, v in own if i * seconds[trainer] <= budget * (1 + 1e-9)]
+    if not within or 2 * own[-1][0] * seconds[trainer] < budget * (1 - 1e-9):
+        return None
+    later = [i for i in _iterations([r for r in rows if r["trainer"] == trainer]) if i > own[-1][0]]
+    if later and later[0] * seconds[trainer] <= budget * (1 + 1e-9):
+        return None
+    return within[-1]
+
+
+def equal_time_paired_table(rows: list[dict], speed: list[dict]) -> list[str]:
+    """Each non-control contender against the best nnU-Net control at equal training time, fold by fold: at each
+    budget (the reference control's probes times its seconds per step) every contender's last probe within the budget,
+    minus the best of the controls' last probes within it on the same fold; mean over the folds where both have run
+    that far, and on how many of them the contender is at least level. Empty without step times or controls."""
+    seconds = {r["trainer"]: float(r["seconds_per_iteration"]) for r in speed}
+    controls = [t for t in _trainers(rows) if is_control(rows, t) and t in seconds]
+    if not controls:
+        return []
+    reference = controls[0]
+    budgets = [i * seconds[reference] for i in _iterations([r for r in rows if r["trainer"] == reference])]
+    folds = sorted({int(r["fold"]) for r in rows})
+    lines = [f"**at equal training time, mean Dice minus the best nnU-Net control ({' / '.join(controls)}) on the same "
+             f"fold**: each at its last probe within the training time {reference} needs for its probes (in brackets "
+             f"its iterations there); mean over the folds where both have run that far (at least level on k of n "
+             f"folds)\n",
+             "| trainer | " + " | ".join(f"{b:.0f} s ({b / seconds[reference]:.0f} it)" for b in budgets) + " |",
+             "| --- |" + " --- |" * len(budgets)]
+    for trainer in _trainers(rows):
+        if trainer in controls or trainer not in seconds:
+            continue
+        cells = []
+        for budget in budgets:
+            differences, reached = [], set()
+            for fold in folds:
+                own = reached_within(rows, seconds, trainer, fold, budget)
+                best = [v for v in (reached_within(rows, seconds, c, fold, budget) for c in controls) if v is not None]
+                if own is None or not best:
+                    continue
+                differences.append(own[1] - max(v for _, v in best))
+                reached.add(own[0])
+            cells.append("-" if not differences else
+                         f"{np.mean(differences):+.3f} ({sum(d >= 0 for d in differences)}/{len(differences)}; "
+                         f"{'/'.join(map(str, sorted(reached)))} it)")
+        lines.append(f"| {trainer} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def summary_table(rows: list[dict], speed: list[dict] | None = None) -> str:
     """Markdown: the header, Dice at every probe, per class at the last, paired against the best control, plateau,
     speed and Dice at equal training time."""
@@ -236,7 +291,8 @@ def summary_table(rows: list[dict], speed: list[dict] | None = None) -> str:
     # contenders with schedules of their own are compared at equal time only: at equal iterations their learning
     # rates have decayed differently
     per_iteration = [] if own_schedules(rows) else [*paired_table(rows), *plateau_lines(rows)]
-    lines = [header, *dice_table(rows), *class_table(rows), *per_iteration, *speed_table(rows, speed or [])]
+    lines = [header, *dice_table(rows), *class_table(rows), *per_iteration, *speed_table(rows, speed or []),
+             *equal_time_paired_table(rows, speed or [])]
     return "\n".join(lines)
 
 

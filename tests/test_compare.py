@@ -68,7 +68,29 @@ def test_dice_at_equal_time_reads_contenders_with_probes_of_their_own():
     # per class at the end of each schedule; no paired table: at equal iterations the decays differ
     assert "**Dice per class at the end of each contender's schedule** (folds 0)" in table
     assert "| nnU-Net | 0.000 | 0.600 |" in table and "| Rep3D | 0.000 | 0.700 |" in table
-    assert "minus the best nnU-Net control" not in table
+    assert "on the same fold and probe" not in table
+    # at equal time, paired on the fold: Rep3D's 40 and 80 iterations against nnU-Net's 100 and 200
+    assert "| Rep3D | +0.100 (1/1; 40 it) | +0.100 (1/1; 80 it) |" in table
+
+
+def test_equal_time_pairs_each_fold_with_its_best_control_and_skips_runs_that_did_not_train_that_far():
+    common = {"epoch": "1", "dice_a": "0", "batch_size": "2", "features": "4-8", "mirroring": "False",
+              "device": "cpu", "max_iterations": "800"}
+    dice = {("SGD", 0): {100: 0.0, 200: 0.1, 400: 0.5}, ("SGD", 1): {100: 0.0, 200: 0.2, 400: 0.6},
+            ("AdamW", 0): {100: 0.3, 200: 0.5, 400: 0.7}, ("AdamW", 1): {100: 0.2},  # fold 1 stopped at 100
+            ("Rep3D", 0): {100: 0.4, 200: 0.65}, ("Rep3D", 1): {100: 0.25, 200: 0.7}}
+    rows = [{**common, "trainer": t, "fold": str(f), "control": str(t != "Rep3D"), "iteration": str(i),
+             "mean_dice": str(d)} for (t, f), probes in dice.items() for i, d in probes.items()]
+    speed = [{"trainer": t, "seconds_per_iteration": str(s), "steps": "3", "batch_size": "2", "device": "cpu"}
+             for t, s in (("SGD", 1.0), ("AdamW", 1.0), ("Rep3D", 2.0))]
+    table = compare_report.summary_table(rows, speed)
+    # 200 s: Rep3D's 100 iterations; fold 0 against AdamW's 0.5, fold 1 against SGD's 0.2 (AdamW's fold 1 has not
+    # trained to 200 s: its 100-iteration probe is not its Dice at 200 s). 400 s: Rep3D's 200 against 0.7 and 0.6
+    assert "| Rep3D | - | -0.025 (1/2; 100 it) | +0.025 (1/2; 200 it) |" in table, table
+    assert compare_report.reached_within(rows, {"AdamW": 1.0}, "AdamW", 1, 400.0) is None
+    assert compare_report.reached_within(rows, {"AdamW": 1.0}, "AdamW", 0, 400.0) == (400, 0.7)
+    # a last probe short of half the budget is not a run that used it
+    assert compare_report.reached_within(rows, {"Rep3D": 2.0}, "Rep3D", 0, 900.0) is None
 
 
 def test_a_finished_run_of_another_budget_is_refused_not_reported_as_done(tmp_path, monkeypatch):
