@@ -173,10 +173,11 @@ def describe_translation(network_class_name: str, arch_kwargs: dict, settings: R
         plan_stage = f"convolutions per stage ({', '.join(map(str, convs if isinstance(convs, list) else [convs]))})"
     kind = "UX-Net" if settings.block == "uxnet" else (
         "residual Rep3D" if settings.block_layer_scale is not None else "Rep3D")
-    added = (f"{settings.blocks_per_stage} {kind} blocks per stage ({settings.kernel_size}^3 {settings.modulation} "
+    n, first = settings.blocks_per_stage, settings.first_block_stage
+    added = (f"{n} {kind} block{'s' * (n != 1)} per stage ({settings.kernel_size}^3 {settings.modulation} "
              f"kernels, capped by each stage's feature map)")
-    where = "each stage's" if settings.first_block_stage == 0 else \
-        f"each stage's from stage {settings.first_block_stage} on (none at the first {settings.first_block_stage})"
+    where = "each stage's" if first == 0 else \
+        f"each stage's from stage {first} on (none at stage{' 0' if first == 1 else f's 0-{first - 1}'})"
 
     if source == "Rep3DUNet":
         source = "Rep3DUNet (rep3d-nnunet plan, or an export's plans; this trainer's Rep3D settings)"

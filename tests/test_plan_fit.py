@@ -162,7 +162,7 @@ def test_on_resenc_plans_the_plan_stage_option_keeps_the_residual_encoder():
     network = build_rep3d_network(manager, configuration, 1, 3, True, settings)
     residual = [sum(isinstance(m, BasicBlockD) for m in stage.modules()) for stage in network.encoder.stages]
     large = [sum(isinstance(m, Rep3DBlock) for m in stage.modules()) for stage in network.encoder.stages]
-    assert residual == [1, 3, 4] and large == [2, 2, 2] and network.encoder.stem is not None
+    assert residual == [1, 3, 4] and large == [0, 1, 1] and network.encoder.stem is not None
     outputs = network(torch.randn(2, 1, 32, 32, 32))
     assert [tuple(o.shape) for o in outputs] == [(2, 3, 32, 32, 32), (2, 3, 16, 16, 16)]
     assert network.compute_conv_feature_map_size([32, 32, 32]) > 0
@@ -172,7 +172,8 @@ def test_on_resenc_plans_the_plan_stage_option_keeps_the_residual_encoder():
     arch = configuration.configuration["architecture"]
     kept = describe_translation(arch["network_class_name"], arch["arch_kwargs"], settings)
     assert kept.startswith("Rep3D on the plan's ResidualEncoderUNet: kept its stages") and \
-        "stem and residual blocks per stage (1, 3, 4); added after each stage's: 2 residual Rep3D blocks" in kept
+        "stem and residual blocks per stage (1, 3, 4); added after each stage's from stage 1 on (none at stage 0): " \
+        "1 residual Rep3D block per stage" in kept
     replaced = describe_translation(arch["network_class_name"], arch["arch_kwargs"], Rep3DSettings(stage_convs="one"))
     assert "replaced its stem and residual blocks per stage (1, 3, 4) by one strided convolution per stage" in replaced
 
