@@ -53,6 +53,12 @@ CONTENDERS = (
     Contender("Rep3D LRBM k=21", "nnUNetTrainerRep3D"),
     Contender("Rep3D LRBM k=3", "nnUNetTrainerRep3D", kernel_size=3),
 )
+# not run unless named with --only: the previous default network (two Rep3D blocks at every stage; the default has one
+# per stage from stage 1 on), for the design check of docs/hippocampus.md beyond Hippocampus
+OPTIONAL = (
+    Contender("Rep3D D0 (2 blocks at every stage)", "nnUNetTrainerRep3D",
+              rep3d=(("blocks_per_stage", 2), ("first_block_stage", 0))),
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -291,9 +297,10 @@ def main(argv=None) -> int:
     if args.trainers:
         contenders = [Contender(name, name) for name in args.trainers]
     else:
-        contenders = [c for c in CONTENDERS if args.only is None or c.label in args.only]
+        contenders = list(CONTENDERS) if args.only is None else \
+            [c for c in CONTENDERS + OPTIONAL if c.label in args.only]
     if not contenders:
-        raise SystemExit(f"--only matched no contender; labels: {[c.label for c in CONTENDERS]}")
+        raise SystemExit(f"--only matched no contender; labels: {[c.label for c in CONTENDERS + OPTIONAL]}")
     csv_path = output / "convergence.csv"
     rows = read_rows(csv_path) if csv_path.is_file() else []
     done = {(int(r["seed"]), r["task"], r["trainer"]) for r in rows}
