@@ -48,7 +48,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from convergence import set_nnunet_paths  # noqa: E402
+from convergence import PREVIOUS_DEFAULT_BLOCKS, set_nnunet_paths  # noqa: E402
 
 from rep3d_nnunet import compare_report  # noqa: E402
 from rep3d_nnunet.compare import (  # noqa: E402
@@ -67,16 +67,14 @@ from rep3d_nnunet.datasets.hippocampus import SUBSET, converter_input  # noqa: E
 PLANS_NAME = "nnUNetPlans_bench"
 CLASSES = {"1": "anterior", "2": "posterior"}
 RESENC_M = COMPARE_CONTENDERS["resenc_m"]
-# the default network before the cheaper design (D1 below) became the default: two Rep3D blocks at every stage
-EVERY_STAGE = (("blocks_per_stage", 2), ("first_block_stage", 0))
 CONTENDERS = (
     COMPARE_CONTENDERS["nnunet_sgd"],
     COMPARE_CONTENDERS["nnunet_adamw"],
     COMPARE_CONTENDERS["rep3d"],
     # the paper's ordering (docs/hippocampus.md) was measured on the previous default network: two blocks at every stage
-    Entry(Contender("Rep3D fixed prior k=21", "nnUNetTrainerRep3DFixedPrior", rep3d=EVERY_STAGE)),
-    Entry(Contender("Rep3D vanilla k=21", "nnUNetTrainerRep3DVanilla", rep3d=EVERY_STAGE)),
-    Entry(Contender("Rep3D LRBM k=3", "nnUNetTrainerRep3D", kernel_size=3, rep3d=EVERY_STAGE)),
+    Entry(Contender("Rep3D fixed prior k=21", "nnUNetTrainerRep3DFixedPrior", rep3d=PREVIOUS_DEFAULT_BLOCKS)),
+    Entry(Contender("Rep3D vanilla k=21", "nnUNetTrainerRep3DVanilla", rep3d=PREVIOUS_DEFAULT_BLOCKS)),
+    Entry(Contender("Rep3D LRBM k=3", "nnUNetTrainerRep3D", kernel_size=3, rep3d=PREVIOUS_DEFAULT_BLOCKS)),
     RESENC_M,  # nnU-Net's residual-encoder preset at the same divisor and batch: the compute-matched control
 )
 # Not run unless named with --only: UX-Net (optional in the comparison), the checks of nnU-Net's default at the plan's
@@ -95,7 +93,7 @@ OPTIONAL = (
 # per stage, nn.ConvNd's kernel initialisation, AdamW lr 1e-3, weight decay 0.08 on kernels), so that a run stays what
 # its label says when the default trainer changes.
 RELEASED_NETWORK = (("stage_convs", "one"), ("block_layer_scale", None), ("block_pointwise", False),
-                    ("kernel_init", "default"), *EVERY_STAGE)
+                    ("kernel_init", "default"), *PREVIOUS_DEFAULT_BLOCKS)
 RELEASED_OPTIMIZER = (("lr", 1e-3), ("weight_decay", 0.08), ("amsgrad", False), ("large_kernel_lr", None))
 
 
@@ -123,10 +121,10 @@ HYPOTHESES = (
 )
 # Cheaper Rep3D designs (docs/hippocampus.md, "Worth its cost"): the default network with fewer large-kernel blocks
 # where the voxels are. Stage 0 holds most of them and its two 21^3 convolutions cost ~40% of nnU-Net's whole step
-# (docs/performance.md); on this plan a 21^3 kernel at stage 1 (20 x 28 x 20) already sees the whole patch.
+# (docs/performance.md); on this plan a 21^3 kernel at stage 1 (20 x 28 x 20) is as wide as two of its three axes.
 DESIGNS = (
     Entry(Contender("Rep3D D0: 2 blocks per stage at every stage (the previous default)", "nnUNetTrainerRep3D",
-                    rep3d=EVERY_STAGE)),
+                    rep3d=PREVIOUS_DEFAULT_BLOCKS)),
     Entry(Contender("Rep3D D1: 1 block per stage from stage 1", "nnUNetTrainerRep3D",
                     rep3d=(("blocks_per_stage", 1), ("first_block_stage", 1)))),
     Entry(Contender("Rep3D D2: 2 blocks per stage from stage 2", "nnUNetTrainerRep3D",

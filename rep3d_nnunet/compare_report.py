@@ -176,13 +176,20 @@ def plateau_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _step_times(rows: list[dict], speed: list[dict]) -> tuple[dict[str, float], list[str]]:
+    """({trainer: seconds per iteration}, the controls that have one, in the rows' order: the first is the reference
+    whose probes set the equal-time budgets)."""
+    seconds = {r["trainer"]: float(r["seconds_per_iteration"]) for r in speed}
+    return seconds, [t for t in _trainers(rows) if is_control(rows, t) and t in seconds]
+
+
 def speed_table(rows: list[dict], speed: list[dict]) -> list[str]:
     """Seconds per iteration (one process, interleaved, one thread) and Dice at equal training time: each contender's
     Dice at the last probe reached within the time the reference control needs for each of its probes."""
     if not speed:
         return ["Speed: not measured (run with --speed-iterations N).\n"]
-    seconds = {r["trainer"]: float(r["seconds_per_iteration"]) for r in speed}
-    reference = next((t for t in _trainers(rows) if is_control(rows, t) and t in seconds), None)
+    seconds, controls = _step_times(rows, speed)
+    reference = controls[0] if controls else None
     first = speed[0]
     lines = [f"**speed**: median seconds of one training step (nnU-Net's train_step: forward, loss, backward, "
              f"optimizer), {first['steps']} steps each, contenders interleaved in one process, {first['device']}"
@@ -242,13 +249,18 @@ def equal_time_paired_table(rows: list[dict], speed: list[dict]) -> list[str]:
     budget (the reference control's probes times its seconds per step) every contender's last probe within the budget,
     minus the best of the controls' last probes within it on the same fold; mean over the folds where both have run
     that far, and on how many of them the contender is at least level. Empty without step times or controls."""
-    seconds = {r["trainer"]: float(r["seconds_per_iteration"]) for r in speed}
-    controls = [t for t in _trainers(rows) if is_control(rows, t) and t in seconds]
+    seconds, controls = _step_times(rows, speed)
     if not controls:
         return []
     reference = controls[0]
     budgets = [i * seconds[reference] for i in _iterations([r for r in rows if r["trainer"] == reference])]
     folds = sorted({int(r["fold"]) for r in rows})
+    best_control = {}  # (fold, budget) -> the best control's Dice there, where a control has trained that far
+    for fold in folds:
+        for budget in budgets:
+            reached = [v for v in (reached_within(rows, seconds, c, fold, budget) for c in controls) if v is not None]
+            if reached:
+                best_control[fold, budget] = max(v for _, v in reached)
     lines = [f"**at equal training time, mean Dice minus the best nnU-Net control ({' / '.join(controls)}) on the same "
              f"fold**: each at its last probe within the training time {reference} needs for its probes (in brackets "
              f"its iterations there); mean over the folds where both have run that far (at least level on k of n "
@@ -263,10 +275,9 @@ def equal_time_paired_table(rows: list[dict], speed: list[dict]) -> list[str]:
             differences, reached = [], set()
             for fold in folds:
                 own = reached_within(rows, seconds, trainer, fold, budget)
-                best = [v for v in (reached_within(rows, seconds, c, fold, budget) for c in controls) if v is not None]
-                if own is None or not best:
+                if own is None or (fold, budget) not in best_control:
                     continue
-                differences.append(own[1] - max(v for _, v in best))
+                differences.append(own[1] - best_control[fold, budget])
                 reached.add(own[0])
             cells.append("-" if not differences else
                          f"{np.mean(differences):+.3f} ({sum(d >= 0 for d in differences)}/{len(differences)}; "

@@ -178,7 +178,6 @@ def describe_translation(network_class_name: str, arch_kwargs: dict, settings: R
              f"kernels, capped by each stage's feature map)")
     where = "each stage's" if first == 0 else \
         f"each stage's from stage {first} on (none at stage{' 0' if first == 1 else f's 0-{first - 1}'})"
-
     if source == "Rep3DUNet":
         source = "Rep3DUNet (rep3d-nnunet plan, or an export's plans; this trainer's Rep3D settings)"
     kept = f"Rep3D on the plan's {source}: kept its stages, features, strides, kernel sizes, norm, decoder, patch and batch"
@@ -214,14 +213,13 @@ def rep3d_architecture(network_class_name: str, arch_kwargs: dict, patch_size: S
     if settings.topology == "paper":
         kwargs.update(paper_topology(patch_size))
     else:
-        n_stages = arch_kwargs["n_stages"]
-        if settings.first_block_stage >= n_stages:
+        if settings.first_block_stage >= kwargs["n_stages"]:
             raise ValueError(
-                f"first_block_stage {settings.first_block_stage} leaves no stage of this plan's {n_stages} with Rep3D "
-                f"blocks; use a first_block_stage below {n_stages}.")
+                f"first_block_stage {settings.first_block_stage} leaves no stage of this plan's {kwargs['n_stages']} "
+                f"with Rep3D blocks; use a first_block_stage below {kwargs['n_stages']}.")
         # an int where every stage has blocks: the plans and exports written before first_block_stage stay identical
         kwargs["n_blocks_per_stage"] = settings.blocks_per_stage if settings.first_block_stage == 0 else \
-            [0 if s < settings.first_block_stage else settings.blocks_per_stage for s in range(n_stages)]
+            [0 if s < settings.first_block_stage else settings.blocks_per_stage for s in range(kwargs["n_stages"])]
         residual = _plan_residual_blocks(network_class_name, arch_kwargs)
         if settings.stage_convs == "plan" and residual is not None:
             kwargs["n_residual_blocks_per_stage"] = residual

@@ -77,9 +77,11 @@ METHODS: dict[str, Method] = {
         Rep3DSettings(modulation="csla"), OptimizerSettings(lr=2e-4, small_branch_lr=3e-4),
         "CSLA: 21^3 + 3^3 parallel branches with per-branch AdamW rates (paper Table 8: 2e-4 / 3e-4)"),
     "nnUNetTrainerUXNet": Method(
-        Rep3DSettings(block="uxnet", modulation="none", kernel_size=7, **_UXNET_STAGES), _ADAMW, "3D UX-Net blocks, 7^3 kernels"),
+        Rep3DSettings(block="uxnet", modulation="none", kernel_size=7, **_UXNET_STAGES), _ADAMW,
+        "3D UX-Net blocks, 7^3 kernels"),
     "nnUNetTrainerUXNetLRBM": Method(
-        Rep3DSettings(block="uxnet", modulation="lrbm", kernel_size=7, **_UXNET_STAGES), _ADAMW, "3D UX-Net + LRBM, 7^3 kernels"),
+        Rep3DSettings(block="uxnet", modulation="lrbm", kernel_size=7, **_UXNET_STAGES), _ADAMW,
+        "3D UX-Net + LRBM, 7^3 kernels"),
 }
 
 # ---- the paper's preset and its ablations (Tables 1-4, 7, 8, 9), generated from one table ----

@@ -102,11 +102,10 @@ def test_first_block_stage_leaves_the_first_stages_to_the_plans_convolutions():
     # the cheaper designs of docs/hippocampus.md: no large-kernel blocks where most voxels are
     full = build(Rep3DSettings(conv_backend="direct", blocks_per_stage=2, first_block_stage=0))
     later = build(Rep3DSettings(conv_backend="direct", blocks_per_stage=2, first_block_stage=1))
-    stages_with_blocks = [[isinstance(m, ModulatedDepthwiseConv) for m in stage.modules()].count(True)
-                          for stage in later.encoder.stages]
-    assert stages_with_blocks == [0, 2, 2]
-    assert [[isinstance(m, ModulatedDepthwiseConv) for m in stage.modules()].count(True)
-            for stage in full.encoder.stages] == [2, 2, 2]
+    def blocks_per_stage(network):
+        return [sum(isinstance(m, ModulatedDepthwiseConv) for m in stage.modules()) for stage in network.encoder.stages]
+
+    assert blocks_per_stage(later) == [0, 2, 2] and blocks_per_stage(full) == [2, 2, 2]
     # the plan's own convolutions stay: the same stage 0 as the full network's, less its blocks
     assert len(later.encoder.stages[0]) == 1 and len(full.encoder.stages[0]) == 3
     outputs = later(torch.randn(1, 1, 8, 16, 16))
